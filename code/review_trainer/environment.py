@@ -1,0 +1,172 @@
+"""The SageMaker training contract, read in one place.
+
+Nothing else in the package reads `/opt/ml` paths or `SM_*` variables. The layout is SageMaker's:
+
+    $SAGEMAKER_BASE_DIR (default /opt/ml)
+    ├── input/config/hyperparameters.json   values are strings, as SageMaker writes them
+    ├── input/config/resourceconfig.json    hosts and the current host
+    ├── input/config/inputdataconfig.json   the channels
+    ├── input/config/checkpointconfig.json  LocalPath of checkpoints (optional)
+    ├── input/config/tensorboardoutputconfig.json  LocalPath of TensorBoard logs (optional)
+    ├── input/data/<channel>/...            the channel's files
+    ├── model/                              what SageMaker uploads as model.tar.gz
+    ├── output/success | output/failure     how the job ended
+    └── output/data/                        uploaded as output.tar.gz
+
+sagemaker-training's `Environment` supplies the host topology and device counts. Its module reads
+`SAGEMAKER_BASE_DIR` once, at import, and invents a `~/sagemaker_local/...` tree when neither that
+variable nor /opt/ml exists, so the variable is set before it is imported. Its `train` runner is not
+used: it waits up to 15 minutes for every host name to resolve and does not forward SIGTERM.
+"""
+
+import dataclasses
+import json
+import os
+import socket
+
+from review_trainer.errors import DataError, HyperparameterError
+
+BASE_DIR_VARIABLE = "SAGEMAKER_BASE_DIR"
+DEFAULT_BASE_DIR = "/opt/ml"
+TRAIN_CHANNEL = "train"
+OPTIONAL_CHANNELS = ("validation", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingEnvironment:
+    base_dir: str
+    hyperparameters: dict  # raw values, as written in hyperparameters.json
+    channel_dirs: dict  # channel name -> folder, for channels whose folder exists
+    hosts: list
+    current_host: str
+    num_gpus: int
+    num_cpus: int
+    job_name: str
+    checkpoint_dir: str
+    checkpoint_config_present: bool
+    tensorboard_dir: str
+    image_version: str | None
+    default_pretrained_model_dir: str | None
+
+    @property
+    def model_dir(self):
+        return os.path.join(self.base_dir, "model")
+
+    @property
+    def output_data_dir(self):
+        return os.path.join(self.base_dir, "output", "data")
+
+    @property
+    def is_chief(self):
+        """Only the first host writes the model, checkpoints and reports."""
+        return self.current_host == sorted(self.hosts)[0]
+
+
+def base_dir():
+    return os.environ.get(BASE_DIR_VARIABLE, DEFAULT_BASE_DIR)
+
+
+# How the job ended. These need only the base folder, so a job whose contract cannot be read
+# still reports why.
+def output_dir():
+    return os.path.join(base_dir(), "output")
+
+
+def model_dir():
+    return os.path.join(base_dir(), "model")
+
+
+def clear_outcome():
+    """Removes success/failure left by an earlier run in the same folder."""
+    for name in ("success", "failure"):
+        try:
+            os.remove(os.path.join(output_dir(), name))
+        except FileNotFoundError:
+            pass
+
+
+def write_success():
+    os.makedirs(output_dir(), exist_ok=True)
+    with open(os.path.join(output_dir(), "success"), "w"):
+        pass
+
+
+def write_failure(kind, message, details=""):
+    """First line `<Kind>: <message>` (SageMaker's FailureReason), then the details."""
+    os.makedirs(output_dir(), exist_ok=True)
+    with open(os.path.join(output_dir(), "failure"), "w") as f:
+        f.write(f"{kind}: {message}\n")
+        if details:
+            f.write(f"\n{details}\n")
+
+
+def read_environment():
+    """Reads the contract; fails with a message that names the file that is wrong."""
+    root = base_dir()
+    os.environ[BASE_DIR_VARIABLE] = root  # before sagemaker_training is imported: see above
+    config_dir = os.path.join(root, "input", "config")
+
+    hyperparameters = _read_json(os.path.join(config_dir, "hyperparameters.json"), {}, HyperparameterError)
+    if not isinstance(hyperparameters, dict):
+        raise HyperparameterError(
+            f"{config_dir}/hyperparameters.json must hold a JSON object of name: value pairs"
+        )
+    hostname = socket.gethostname()
+    resource_config = _read_json(
+        os.path.join(config_dir, "resourceconfig.json"),
+        {"current_host": hostname, "hosts": [hostname]},
+        DataError,
+    )
+    channel_names = _read_json(os.path.join(config_dir, "inputdataconfig.json"), None, DataError)
+    data_dir = os.path.join(root, "input", "data")
+    if channel_names is None:  # a local run without inputdataconfig.json: the folders are the channels
+        channel_names = sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []
+    channel_dirs = {
+        name: os.path.join(data_dir, name)
+        for name in channel_names
+        if os.path.isdir(os.path.join(data_dir, name))
+    }
+
+    from sagemaker_training import environment as sagemaker_environment
+
+    # Environment() reads the files itself when an argument is empty (falsy), from the path it
+    # fixed at import; hand it non-empty dicts so it reads nothing. Only its topology is used.
+    sm = sagemaker_environment.Environment(
+        resource_config=resource_config,
+        input_data_config={name: {} for name in channel_dirs} or {TRAIN_CHANNEL: {}},
+        hyperparameters={
+            key: value for key, value in hyperparameters.items() if key.startswith("sagemaker_")
+        }
+        or {"sagemaker_job_name": os.environ.get("TRAINING_JOB_NAME", "")},
+    )
+
+    checkpoint_config_file = os.path.join(config_dir, "checkpointconfig.json")
+    checkpoint_config = _read_json(checkpoint_config_file, {}, DataError)
+    tensorboard_config = _read_json(
+        os.path.join(config_dir, "tensorboardoutputconfig.json"), {}, DataError
+    )
+    return TrainingEnvironment(
+        base_dir=root,
+        hyperparameters=hyperparameters,
+        channel_dirs=channel_dirs,
+        hosts=list(sm.hosts),
+        current_host=sm.current_host,
+        num_gpus=sm.num_gpus,
+        num_cpus=sm.num_cpus,
+        job_name=os.environ.get("TRAINING_JOB_NAME") or sm.job_name or "",
+        checkpoint_dir=checkpoint_config.get("LocalPath", os.path.join(root, "checkpoints")),
+        checkpoint_config_present=os.path.exists(checkpoint_config_file),
+        tensorboard_dir=tensorboard_config.get("LocalPath", os.path.join(root, "output", "tensorboard")),
+        image_version=os.environ.get("IMAGE_VERSION"),
+        default_pretrained_model_dir=os.environ.get("PRETRAINED_MODEL_DIR"),
+    )
+
+
+def _read_json(path, default, error_class):
+    if not os.path.exists(path):
+        return default
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise error_class(f"{path} is not valid JSON ({error})") from error

@@ -1,0 +1,43 @@
+"""The failures a job reports, each with its own exit code.
+
+The first line of /opt/ml/output/failure is `<Kind>: <message>`; SageMaker shows it as the job's
+FailureReason, so the message names the file, row or key and what was expected.
+"""
+
+EXIT_SUCCESS = 0
+EXIT_INTERNAL_ERROR = 1
+
+
+class JobError(Exception):
+    """An error the user can fix; `kind` and `exit_code` are what the job reports."""
+
+    kind = "JobError"
+    exit_code = EXIT_INTERNAL_ERROR
+
+
+class HyperparameterError(JobError):
+    """A hyperparameter is unknown, malformed or out of range."""
+
+    kind = "HyperparameterError"
+    exit_code = 2
+
+
+class DataError(JobError):
+    """A channel is missing or empty, a file is unreadable, or too many rows are bad."""
+
+    kind = "DataError"
+    exit_code = 3
+
+
+class PretrainedModelError(JobError):
+    """The pretrained checkpoint folder is missing, incomplete or of an unsupported type."""
+
+    kind = "PretrainedModelError"
+    exit_code = 4
+
+
+class ResourceError(JobError):
+    """The machine ran out of something: disk space or memory."""
+
+    kind = "ResourceError"
+    exit_code = 5

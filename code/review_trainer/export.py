@@ -1,0 +1,107 @@
+"""What the job leaves in the model folder, written aside and moved in only once the run succeeded.
+
+    model/
+    ├── tensorflow/saved_model/0/   TF Serving layout; signature serving_default:
+    │                               input_ids, input_mask (int32 [-1, max_seq_length]) -> probabilities
+    ├── tokenizer/                  the checkpoint's vocab.txt and tokenizer files
+    ├── label_map.json              class index -> label value
+    ├── metrics/                    evaluation.json and confusion_matrix.png (when the test ran)
+    └── manifest.json               hyperparameters, data files with hashes, library versions
+
+Everything is first written into `model/.partial/`; `publish` renames each entry into place (a
+rename on the same file system), so a job that fails or is killed never leaves a model that looks
+valid.
+"""
+
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+
+from review_trainer.pretrained import TOKENIZER_FILES
+
+SAVED_MODEL_PATH = os.path.join("tensorflow", "saved_model", "0")
+STAGING = ".partial"
+
+
+def staging_dir(model_dir):
+    return os.path.join(model_dir, STAGING)
+
+
+def start_staging(model_dir):
+    """An empty staging folder; what a killed run left there is removed."""
+    path = staging_dir(model_dir)
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    return path
+
+
+def discard_staging(model_dir):
+    shutil.rmtree(staging_dir(model_dir), ignore_errors=True)
+
+
+def export_saved_model(model, max_seq_length, path):
+    """A SavedModel whose serving_default takes token ids and a mask and returns probabilities."""
+    import keras
+    import tensorflow as tf
+
+    @tf.function(input_signature=[
+        tf.TensorSpec([None, max_seq_length], tf.int32, name="input_ids"),
+        tf.TensorSpec([None, max_seq_length], tf.int32, name="input_mask"),
+    ])
+    def serve(input_ids, input_mask):
+        logits = model({"token_ids": input_ids, "padding_mask": input_mask}, training=False)
+        return {"probabilities": tf.nn.softmax(tf.cast(logits, tf.float32))}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", serve)
+    archive.write_out(path, verbose=False)
+
+
+def copy_tokenizer(checkpoint_dir, destination, max_seq_length):
+    os.makedirs(destination, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        source = os.path.join(checkpoint_dir, name)
+        if os.path.isfile(source):
+            shutil.copy2(source, destination)
+    write_json({"max_seq_length": max_seq_length, "padding": "max_length", "truncation": True},
+               os.path.join(destination, "review_trainer_tokenizer.json"))
+
+
+def write_label_map(classes, path):
+    write_json({"index_to_label": {str(i): label for i, label in enumerate(classes)},
+                "label_to_index": {label: i for i, label in enumerate(classes)}}, path)
+
+
+def library_versions():
+    names = ("tensorflow", "tensorflow-cpu", "keras", "keras-hub", "tokenizers", "numpy",
+             "sagemaker-training", "scikit-learn", "pyarrow")
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def write_json(value, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2)
+
+
+def publish(model_dir):
+    """Moves every staged entry into the model folder; manifest.json goes last."""
+    staged = staging_dir(model_dir)
+    names = sorted(os.listdir(staged), key=lambda name: name == "manifest.json")
+    for name in names:
+        target = os.path.join(model_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        elif os.path.exists(target):
+            os.remove(target)
+        os.replace(os.path.join(staged, name), target)
+    os.rmdir(staged)

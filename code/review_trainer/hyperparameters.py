@@ -1,0 +1,188 @@
+"""Every hyperparameter of the job: its name, type, default and valid range, in one place.
+
+Names are those of the book's notebooks so that existing estimators keep working. SageMaker writes
+every value as a string; each is parsed by its declared type (never `eval`), and all problems are
+reported together.
+"""
+
+from __future__ import annotations  # field types stay strings: they select the parser below
+
+import dataclasses
+import math
+
+from review_trainer.errors import HyperparameterError
+
+AUTO = "auto"
+HEADS = ("cls", "bilstm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameters:
+    # Optimisation
+    epochs: int = 3
+    learning_rate: float = 5e-5
+    epsilon: float = 1e-8
+    train_batch_size: int = 32
+    validation_batch_size: int = 64
+    test_batch_size: int = 64
+    train_steps_per_epoch: int | None = None  # None: the whole channel
+    validation_steps: int | None = None
+    test_steps: int | None = None
+    seed: int = 42
+    # Model
+    pretrained_model_dir: str | None = None  # None: $PRETRAINED_MODEL_DIR, baked into the image
+    head: str = "cls"  # cls: [CLS] -> dropout -> Dense; bilstm: the book's BiLSTM head
+    max_seq_length: int = 64
+    freeze_bert_layer: bool = False
+    use_amp: bool | str = AUTO  # auto: measured per device, see precision.py
+    use_xla: bool | str = AUTO
+    # Data
+    text_column: str = "review_body"
+    label_column: str = "star_rating"
+    classes: tuple = ("1", "2", "3", "4", "5")  # label values; their order gives the class index
+    max_bad_row_fraction: float = 0.01
+    # What the job does besides training
+    run_validation: bool = True
+    run_test: bool = True
+    run_sample_predictions: bool = True
+    enable_tensorboard: bool = False
+    enable_checkpointing: bool = False
+    log_every_n_steps: int = 50
+
+    @classmethod
+    def from_dict(cls, raw):
+        """Parses SageMaker's string values; unknown names and bad values fail together."""
+        fields = {field.name: field for field in dataclasses.fields(cls)}
+        problems = []
+        unknown = sorted(k for k in raw if k not in fields and not k.startswith("sagemaker_"))
+        if unknown:
+            problems.append(
+                f"unknown hyperparameter(s) {', '.join(unknown)}; valid names are: {', '.join(fields)}"
+            )
+        values = {}
+        for name, value in raw.items():
+            if name not in fields:
+                continue
+            try:
+                values[name] = _PARSERS[name](value)
+            except ValueError as error:
+                problems.append(f"{name}={str(value)!r}: {error}")
+        if not problems:
+            hyperparameters = cls(**values)
+            problems = hyperparameters._range_problems()
+        if problems:
+            raise HyperparameterError(
+                "invalid hyperparameters.json: " + "; ".join(problems)
+            )
+        return hyperparameters
+
+    def _range_problems(self):
+        problems = []
+        for name in ("epochs", "train_batch_size", "validation_batch_size", "test_batch_size",
+                     "log_every_n_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("train_steps_per_epoch", "validation_steps", "test_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{name} must be at least 1 (or absent for the whole channel), got {value}")
+        if not 0 < self.learning_rate < 1:
+            problems.append(f"learning_rate must be between 0 and 1, got {self.learning_rate}")
+        if not 0 < self.epsilon < 1:
+            problems.append(f"epsilon must be between 0 and 1, got {self.epsilon}")
+        if not 8 <= self.max_seq_length <= 512:
+            problems.append(f"max_seq_length must be between 8 and 512, got {self.max_seq_length}")
+        if not 0 <= self.max_bad_row_fraction <= 1:
+            problems.append(f"max_bad_row_fraction must be between 0 and 1, got {self.max_bad_row_fraction}")
+        if self.head not in HEADS:
+            problems.append(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            problems.append(f"classes must list at least two distinct label values, got {','.join(self.classes)}")
+        if not self.text_column or not self.label_column:
+            problems.append("text_column and label_column must not be empty")
+        return problems
+
+    def to_dict(self):
+        values = dataclasses.asdict(self)
+        values["classes"] = list(self.classes)
+        return values
+
+
+def _parse_int(value):
+    number = _parse_float(value)
+    if not number.is_integer():
+        raise ValueError("expected a whole number")
+    return int(number)
+
+
+def _parse_optional_int(value):
+    if value is None or str(value).strip().lower() in ("", "none", "null"):
+        return None
+    return _parse_int(value)
+
+
+def _parse_float(value):
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if not math.isfinite(number):
+        raise ValueError("expected a finite number")
+    return number
+
+
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+
+
+def _parse_bool(value):
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError("expected true or false (True/true/1, False/false/0)")
+
+
+def _parse_bool_or_auto(value):
+    if str(value).strip().lower() == AUTO:
+        return AUTO
+    try:
+        return _parse_bool(value)
+    except ValueError:
+        raise ValueError("expected auto, true or false") from None
+
+
+def _parse_str(value):
+    return str(value).strip()
+
+
+def _parse_optional_str(value):
+    text = _parse_str(value)
+    return text or None
+
+
+def _parse_classes(value):
+    if isinstance(value, (list, tuple)):
+        items = [str(item).strip() for item in value]
+    else:
+        items = [item.strip() for item in str(value).split(",")]
+    if any(not item for item in items):
+        raise ValueError("expected comma-separated label values, e.g. 1,2,3,4,5")
+    return tuple(items)
+
+
+_PARSER_BY_TYPE = {
+    "int": _parse_int,
+    "int | None": _parse_optional_int,
+    "float": _parse_float,
+    "bool": _parse_bool,
+    "bool | str": _parse_bool_or_auto,
+    "str": _parse_str,
+    "str | None": _parse_optional_str,
+    "tuple": _parse_classes,
+}
+_PARSERS = {
+    field.name: _PARSER_BY_TYPE[field.type]
+    for field in dataclasses.fields(Hyperparameters)
+}

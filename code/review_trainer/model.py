@@ -1,0 +1,32 @@
+"""The classifier: a pretrained encoder and a small classification head that outputs logits.
+
+Inputs are `token_ids` and `padding_mask` (int32, [batch, max_seq_length]); BERT's segment ids
+are all zero for a single text. The last layer stays float32 under mixed precision so that the
+logits and the loss are computed in full precision.
+"""
+
+import keras
+
+from review_trainer.hyperparameters import HEADS
+
+
+def build_classifier(backbone, num_classes, max_seq_length, head="cls", dropout=0.1):
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    token_ids = keras.Input((max_seq_length,), dtype="int32", name="token_ids")
+    padding_mask = keras.Input((max_seq_length,), dtype="int32", name="padding_mask")
+    backbone_inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
+    if "segment_ids" in backbone.input:
+        backbone_inputs["segment_ids"] = keras.ops.zeros_like(token_ids)
+    encoded = backbone(backbone_inputs)
+    sequence = encoded["sequence_output"] if isinstance(encoded, dict) else encoded
+
+    if head == "cls":
+        x = keras.layers.Dropout(dropout, name="cls_dropout")(sequence[:, 0, :])
+    else:  # the book's head
+        x = keras.layers.Bidirectional(keras.layers.LSTM(50, return_sequences=True), name="bilstm")(sequence)
+        x = keras.layers.GlobalMaxPooling1D(name="max_pool")(x)
+        x = keras.layers.Dense(50, activation="relu", name="hidden")(x)
+        x = keras.layers.Dropout(0.2, name="hidden_dropout")(x)
+    logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(x)
+    return keras.Model({"token_ids": token_ids, "padding_mask": padding_mask}, logits, name="review_classifier")

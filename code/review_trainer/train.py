@@ -1,0 +1,205 @@
+"""The `train` entry point: SageMaker contract in, evaluated SavedModel out.
+
+Read top to bottom, this is the job:
+  1. read the contract and the hyperparameters
+  2. open the pretrained checkpoint and its tokenizer
+  3. scan the channels (formats, bad rows, hashes) and build streaming datasets
+  4. build the classifier and fit it
+  5. evaluate on the test channel, print sample predictions
+  6. export the SavedModel, tokenizer, label map, metrics and manifest; publish them; success
+
+Any error ends in output/failure (first line `<Kind>: <message>`) and a non-zero exit code; see
+errors.py. Training runs in this process, so a SIGTERM reaches it.
+"""
+
+import errno
+import os
+import sys
+import time
+import traceback
+
+import keras
+
+from review_trainer import data, environment, evaluate, export, precision
+from review_trainer.errors import (
+    EXIT_INTERNAL_ERROR, EXIT_SUCCESS, DataError, HyperparameterError, JobError, ResourceError,
+)
+from review_trainer.hyperparameters import Hyperparameters
+from review_trainer.metric_log import MetricLogger, format_metrics
+from review_trainer.model import build_classifier
+from review_trainer.pretrained import ReviewTokenizer, load_backbone, open_checkpoint
+
+SAMPLE_REVIEWS = ("This is great!", "This is OK.", "This is terrible.")
+
+
+def run(env):
+    # 1. contract and hyperparameters
+    hp = Hyperparameters.from_dict(env.hyperparameters)
+    if environment.TRAIN_CHANNEL not in env.channel_dirs:
+        raise DataError(
+            f"the required channel 'train' is missing: expected files under "
+            f"{env.base_dir}/input/data/train (channels present: {', '.join(env.channel_dirs) or 'none'})"
+        )
+    capability = precision.gpu_compute_capability()
+    policy = precision.choose_policy(hp.use_amp, capability, precision.cpu_has_bf16())
+    jit_compile = precision.choose_jit_compile(hp.use_xla, capability)
+    keras.mixed_precision.set_global_policy(policy)
+    keras.utils.set_random_seed(hp.seed)
+    print(f"hosts={','.join(env.hosts)} current_host={env.current_host} gpus={env.num_gpus} "
+          f"cpus={env.num_cpus} precision={policy} xla={jit_compile}")
+    print("hyperparameters " + " ".join(f"{k}={v}" for k, v in hp.to_dict().items()))
+
+    # 2. pretrained checkpoint
+    checkpoint = open_checkpoint(hp.pretrained_model_dir or env.default_pretrained_model_dir)
+    if hp.max_seq_length > checkpoint.max_positions:
+        raise HyperparameterError(
+            f"max_seq_length={hp.max_seq_length} exceeds the checkpoint's "
+            f"max_position_embeddings={checkpoint.max_positions}"
+        )
+    tokenizer = ReviewTokenizer(checkpoint, hp.max_seq_length)
+
+    # 3. data
+    spec = data.RowSpec(hp.text_column, hp.label_column, hp.classes, hp.max_seq_length)
+    wanted = {"train": True, "validation": hp.run_validation, "test": hp.run_test}
+    channels = {}
+    for name, is_wanted in wanted.items():
+        if name not in env.channel_dirs:
+            print(f"channel={name} skipped: no {name} channel")
+            continue
+        if not is_wanted:
+            print(f"channel={name} skipped: run_{name}=false")
+            continue
+        channels[name] = data.scan_channel(name, env.channel_dirs[name], spec, hp.max_bad_row_fraction)
+        for line in data.describe(channels[name]):
+            print(line)
+    train_data = data.make_dataset(channels["train"], spec, tokenizer, hp.train_batch_size,
+                                   shuffle_seed=hp.seed, repeat=hp.train_steps_per_epoch is not None)
+    train_steps = data.steps_for(channels["train"].good_rows, hp.train_batch_size, hp.train_steps_per_epoch)
+    validation_data, validation_steps = None, None
+    if "validation" in channels:
+        validation_data = data.make_dataset(channels["validation"], spec, tokenizer, hp.validation_batch_size,
+                                            repeat=hp.validation_steps is not None)
+        validation_steps = data.steps_for(channels["validation"].good_rows, hp.validation_batch_size,
+                                          hp.validation_steps)
+
+    # 4. model and training
+    backbone = load_backbone(checkpoint)
+    backbone.trainable = not hp.freeze_bert_layer
+    model = build_classifier(backbone, len(hp.classes), hp.max_seq_length, head=hp.head)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=hp.learning_rate, epsilon=hp.epsilon),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        jit_compile=jit_compile,
+    )
+    callbacks = [MetricLogger(hp.log_every_n_steps, hp.train_batch_size)]
+    if hp.enable_tensorboard and env.is_chief:
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=env.tensorboard_dir, update_freq="epoch"))
+    if (hp.enable_checkpointing or env.checkpoint_config_present) and env.is_chief:
+        os.makedirs(env.checkpoint_dir, exist_ok=True)
+        callbacks.append(keras.callbacks.ModelCheckpoint(
+            os.path.join(env.checkpoint_dir, "epoch-{epoch:03d}.weights.h5"), save_weights_only=True))
+    print(f"training: {hp.epochs} epoch(s) of {train_steps} steps, "
+          f"{model.count_params():,} parameters ({'encoder frozen' if hp.freeze_bert_layer else 'all trainable'})")
+    started = time.perf_counter()
+    model.fit(train_data, epochs=hp.epochs, steps_per_epoch=train_steps, validation_data=validation_data,
+              validation_steps=validation_steps, callbacks=callbacks, verbose=0)
+    training_seconds = time.perf_counter() - started
+
+    if not env.is_chief:
+        return
+    model_dir = env.model_dir
+    staged = export.start_staging(model_dir)
+
+    # 5. evaluation
+    report = None
+    if "test" in channels:
+        test_data = data.make_dataset(channels["test"], spec, tokenizer, hp.test_batch_size,
+                                      repeat=hp.test_steps is not None)
+        if hp.test_steps is not None:
+            test_data = test_data.take(hp.test_steps)
+        labels, probabilities, test_loss = evaluate.predict(model, test_data)
+        report = evaluate.classification_report(labels, probabilities.argmax(axis=1), hp.classes, seed=hp.seed)
+        scores = report["multiclass_classification_metrics"]
+        print(format_metrics(test_loss=test_loss, test_accuracy=scores["accuracy"]["value"],
+                             test_macro_f1=scores["macro_f1"]["value"], test_rows=len(labels)))
+        evaluate.write_report(report, os.path.join(staged, "metrics", "evaluation.json"))
+        evaluate.plot_confusion_matrix(report, os.path.join(staged, "metrics", "confusion_matrix.png"))
+    if hp.run_sample_predictions:
+        token_ids, padding_mask = tokenizer(SAMPLE_REVIEWS)
+        logits = model.predict_on_batch({"token_ids": token_ids, "padding_mask": padding_mask})
+        for text, probabilities in zip(SAMPLE_REVIEWS, keras.ops.convert_to_numpy(keras.ops.softmax(logits))):
+            print(f"sample_prediction label={hp.classes[probabilities.argmax()]} "
+                  f"confidence={probabilities.max():.3f} text={text!r}")
+
+    # 6. export, then publish
+    export.export_saved_model(model, hp.max_seq_length, os.path.join(staged, export.SAVED_MODEL_PATH))
+    export.copy_tokenizer(checkpoint.path, os.path.join(staged, "tokenizer"), hp.max_seq_length)
+    export.write_label_map(hp.classes, os.path.join(staged, "label_map.json"))
+    export.write_json({
+        "job_name": env.job_name,
+        "image_version": env.image_version,
+        "hyperparameters": hp.to_dict(),
+        "pretrained_model": {"path": checkpoint.path, "model_type": checkpoint.model_type},
+        "precision": policy,
+        "xla": jit_compile,
+        "training_seconds": round(training_seconds, 1),
+        "data": {name: [f.to_dict() for f in channel.files] for name, channel in channels.items()},
+        "libraries": export.library_versions(),
+        "test_metrics": report and {k: v["value"] for k, v in report["multiclass_classification_metrics"].items()
+                                    if isinstance(v, dict) and "value" in v},
+    }, os.path.join(staged, "manifest.json"))
+    if report is not None:
+        evaluate.write_report(report, os.path.join(env.output_data_dir, "evaluation.json"))
+    export.publish(model_dir)
+    print(f"model written to {model_dir}")
+
+
+def main():
+    environment.clear_outcome()
+    try:
+        run(environment.read_environment())
+        environment.write_success()
+        print("training job succeeded")
+        return EXIT_SUCCESS
+    except BaseException as error:  # noqa: BLE001 - every ending is reported in output/failure
+        kind, message, exit_code = describe_failure(error)
+        details = "" if isinstance(error, JobError) else traceback.format_exc()
+        print(f"training job failed: {kind}: {message}", file=sys.stderr)
+        if details:
+            print(details, file=sys.stderr)
+        export.discard_staging(environment.model_dir())
+        environment.write_failure(kind, message, details)
+        return exit_code
+
+
+def describe_failure(error):
+    """(kind, message, exit code) for any exception, disk-full errors included."""
+    if isinstance(error, JobError):
+        return error.kind, str(error), error.exit_code
+    if _is_disk_full(error):
+        resource = ResourceError(
+            f"no space left on device ({error}); free space or give the job a larger volume "
+            "(VolumeSizeInGB)"
+        )
+        return resource.kind, str(resource), resource.exit_code
+    if isinstance(error, MemoryError):
+        resource = ResourceError("out of memory; lower train_batch_size or max_seq_length, or use a larger instance")
+        return resource.kind, str(resource), resource.exit_code
+    if isinstance(error, KeyboardInterrupt):
+        return "Stopped", "the job was interrupted (SIGINT)", 130
+    return "InternalError", f"{type(error).__name__}: {error}", EXIT_INTERNAL_ERROR
+
+
+def _is_disk_full(error):
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Shared fixtures: tiny checkpoints, generated reviews, a temporary /opt/ml, and a `train` runner."""
+
+import gzip
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import checkpoints  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(os.path.dirname(sys.executable), "train")
+AMAZON_COLUMNS = [
+    "marketplace", "customer_id", "review_id", "product_id", "product_parent", "product_title",
+    "product_category", "star_rating", "helpful_votes", "total_votes", "vine", "verified_purchase",
+    "review_headline", "review_body", "review_date",
+]
+_OPINIONS = {
+    1: ["terrible", "awful", "worst", "waste of money", "hated it"],
+    2: ["bad", "poor", "boring", "dull", "slow"],
+    3: ["ok", "okay", "average", "fine"],
+    4: ["good", "nice", "fun", "really good"],
+    5: ["excellent", "amazing", "wonderful", "loved it", "best ever"],
+}
+_SUBJECTS = ["this movie", "the book", "this product", "the story", "the acting", "it"]
+# Tiny models and a few rows: a fast job that still runs every stage.
+FAST_HYPERPARAMETERS = {
+    "epochs": "1", "train_batch_size": "8", "validation_batch_size": "8", "test_batch_size": "8",
+    "max_seq_length": "16", "learning_rate": "0.001", "log_every_n_steps": "2", "use_amp": "false",
+}
+
+
+def make_reviews(count, seed=0):
+    """(text, star_rating) pairs whose words tell the rating."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        stars = rng.randint(1, 5)
+        rows.append((f"{rng.choice(_SUBJECTS)} was {rng.choice(_OPINIONS[stars])}!", stars))
+    return rows
+
+
+def amazon_tsv(rows):
+    """The Amazon Customer Reviews TSV schema: header, tab-separated, no quoting."""
+    lines = ["\t".join(AMAZON_COLUMNS)]
+    for i, (text, stars) in enumerate(rows):
+        values = {
+            "marketplace": "US", "customer_id": str(10000 + i), "review_id": f"R{i:06d}",
+            "product_id": "B000TEST", "product_parent": "123", "product_title": 'A "quoted" title',
+            "product_category": "Books", "star_rating": str(stars), "helpful_votes": "0",
+            "total_votes": "0", "vine": "N", "verified_purchase": "Y", "review_headline": "headline",
+            "review_body": text, "review_date": "2015-08-31",
+        }
+        lines.append("\t".join(values[c] for c in AMAZON_COLUMNS))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def gzipped(data):
+    return gzip.compress(data, mtime=0)
+
+
+def make_opt_ml(base, channels, hyperparameters=None):
+    """A SageMaker-style tree: channels maps a channel name to {file name: bytes}."""
+    config = os.path.join(base, "input", "config")
+    os.makedirs(config, exist_ok=True)
+    for name, files in channels.items():
+        folder = os.path.join(base, "input", "data", name)
+        os.makedirs(folder, exist_ok=True)
+        for file_name, content in files.items():
+            with open(os.path.join(folder, file_name), "wb") as f:
+                f.write(content)
+    with open(os.path.join(config, "hyperparameters.json"), "w") as f:
+        json.dump({k: str(v) for k, v in (hyperparameters or {}).items()}, f)
+    with open(os.path.join(config, "resourceconfig.json"), "w") as f:
+        json.dump({"current_host": "algo-1", "hosts": ["algo-1"], "network_interface_name": "eth0"}, f)
+    with open(os.path.join(config, "inputdataconfig.json"), "w") as f:
+        json.dump({name: {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated"}
+                   for name in channels}, f)
+    return base
+
+
+def run_train(base, pretrained_dir=None, timeout=600, extra_env=None):
+    env = dict(os.environ, SAGEMAKER_BASE_DIR=str(base), TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("PRETRAINED_MODEL_DIR", None)
+    if pretrained_dir:
+        env["PRETRAINED_MODEL_DIR"] = str(pretrained_dir)
+    env.update(extra_env or {})
+    return subprocess.run([TRAIN], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_failure(base):
+    with open(os.path.join(base, "output", "failure")) as f:
+        return f.read()
+
+
+@pytest.fixture(scope="session")
+def distilbert_dir(tmp_path_factory):
+    return checkpoints.make_distilbert(str(tmp_path_factory.mktemp("distilbert")))
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory):
+    return checkpoints.make_bert(str(tmp_path_factory.mktemp("bert")))
