@@ -113,13 +113,14 @@ def detect_format(path):
         return PARQUET, False
     if _looks_like_tfrecord(head):
         return TFRECORD, compressed
-    first_line = head.split(b"\n", 1)[0]
-    if head.lstrip()[:1] == b"{":
-        return JSONL, compressed
-    if b"\t" in first_line:
-        return TSV, compressed
-    if b"," in first_line:
-        return CSV, compressed
+    if b"\x00" not in head:  # the text formats
+        first_line = head.split(b"\n", 1)[0]
+        if head.lstrip()[:1] == b"{":
+            return JSONL, compressed
+        if b"\t" in first_line:
+            return TSV, compressed
+        if b"," in first_line:
+            return CSV, compressed
     raise DataError(
         f"{path}: not a format this job reads (TFRecord, tab-separated with a header row, CSV, "
         "JSON Lines or Parquet; optionally gzip-compressed)"

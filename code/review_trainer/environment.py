@@ -63,7 +63,7 @@ class TrainingEnvironment:
 
 
 def base_dir():
-    return os.environ.get(BASE_DIR_VARIABLE, DEFAULT_BASE_DIR)
+    return os.path.abspath(os.environ.get(BASE_DIR_VARIABLE, DEFAULT_BASE_DIR))
 
 
 # How the job ended. These need only the base folder, so a job whose contract cannot be read

@@ -75,12 +75,10 @@ def run(env):
     train_data = data.make_dataset(channels["train"], spec, tokenizer, hp.train_batch_size,
                                    shuffle_seed=hp.seed, repeat=hp.train_steps_per_epoch is not None)
     train_steps = data.steps_for(channels["train"].good_rows, hp.train_batch_size, hp.train_steps_per_epoch)
-    validation_data, validation_steps = None, None
+    validation_data = None
     if "validation" in channels:
         validation_data = data.make_dataset(channels["validation"], spec, tokenizer, hp.validation_batch_size,
                                             repeat=hp.validation_steps is not None)
-        validation_steps = data.steps_for(channels["validation"].good_rows, hp.validation_batch_size,
-                                          hp.validation_steps)
 
     # 4. model and training
     backbone = load_backbone(checkpoint)
@@ -102,8 +100,11 @@ def run(env):
     print(f"training: {hp.epochs} epoch(s) of {train_steps} steps, "
           f"{model.count_params():,} parameters ({'encoder frozen' if hp.freeze_bert_layer else 'all trainable'})")
     started = time.perf_counter()
-    model.fit(train_data, epochs=hp.epochs, steps_per_epoch=train_steps, validation_data=validation_data,
-              validation_steps=validation_steps, callbacks=callbacks, verbose=0)
+    # Steps are given only when set: with steps_per_epoch, Keras keeps one iterator across epochs,
+    # and a channel read once would run dry in the second epoch.
+    model.fit(train_data, epochs=hp.epochs, steps_per_epoch=hp.train_steps_per_epoch,
+              validation_data=validation_data, validation_steps=hp.validation_steps,
+              callbacks=callbacks, verbose=0)
     training_seconds = time.perf_counter() - started
 
     if not env.is_chief:

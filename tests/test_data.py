@@ -1,0 +1,196 @@
+import collections
+import gzip
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tensorflow as tf
+
+from conftest import amazon_tsv, gzipped, make_reviews
+from review_trainer import data
+from review_trainer.errors import DataError
+from review_trainer.pretrained import ReviewTokenizer, open_checkpoint
+
+SPEC = data.RowSpec("review_body", "star_rating", ("1", "2", "3", "4", "5"), 16)
+
+
+def write(path, content):
+    path.write_bytes(content)
+    return path
+
+
+def tfrecord_bytes(tmp_path, examples, compressed=False):
+    path = tmp_path / "records.tmp"
+    options = tf.io.TFRecordOptions(compression_type="GZIP" if compressed else "")
+    with tf.io.TFRecordWriter(str(path), options) as writer:
+        for ids, mask, label in examples:
+            feature = {
+                "input_ids": tf.train.Feature(int64_list=tf.train.Int64List(value=ids)),
+                "input_mask": tf.train.Feature(int64_list=tf.train.Int64List(value=mask)),
+                "segment_ids": tf.train.Feature(int64_list=tf.train.Int64List(value=[0] * len(ids))),
+                "label_ids": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+            }
+            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    content = path.read_bytes()
+    path.unlink()
+    return content
+
+
+def rows_of(path):
+    file_format, compressed = data.detect_format(str(path))
+    summary = data.FileSummary(str(path), file_format, compressed, 0)
+    return list(data.iter_rows(summary, SPEC))
+
+
+def table(rows):
+    return {"review_body": [r[0] for r in rows], "star_rating": [r[1] for r in rows]}
+
+
+@pytest.fixture
+def reviews():
+    return make_reviews(20, seed=7)
+
+
+def test_every_format_is_detected_by_content_and_yields_the_same_rows(tmp_path, reviews):
+    expected = [(text, stars - 1) for text, stars in reviews]
+    csv_text = "review_body,star_rating\n" + "".join(f'"{t}",{s}\n' for t, s in reviews)
+    jsonl = "".join(json.dumps({"review_body": t, "star_rating": s, "extra": 1}) + "\n" for t, s in reviews)
+    pq.write_table(pa.table(table(reviews)), tmp_path / "p.parquet")
+    files = {
+        "a.tsv": amazon_tsv(reviews), "b.tsv.gz": gzipped(amazon_tsv(reviews)),
+        "c.csv": csv_text.encode(), "d.jsonl": jsonl.encode(), "e.json.gz": gzipped(jsonl.encode()),
+        "no_extension": amazon_tsv(reviews), "p.parquet": (tmp_path / "p.parquet").read_bytes(),
+    }
+    formats = {}
+    for name, content in files.items():
+        path = write(tmp_path / name, content)
+        formats[name] = data.detect_format(str(path))
+        assert rows_of(path) == expected, name
+    assert formats == {
+        "a.tsv": ("tsv", False), "b.tsv.gz": ("tsv", True), "c.csv": ("csv", False),
+        "d.jsonl": ("jsonl", False), "e.json.gz": ("jsonl", True), "no_extension": ("tsv", False),
+        "p.parquet": ("parquet", False),
+    }
+
+
+def test_tfrecord_is_detected_and_counted_plain_and_gzipped(tmp_path):
+    examples = [([2] + [10] * 15, [1] * 16, label) for label in (0, 4, 2, 7)]
+    for name, compressed in (("train.tfrecord", False), ("train.tfrecord.gz", True)):
+        path = write(tmp_path / name, tfrecord_bytes(tmp_path, examples, compressed))
+        assert data.detect_format(str(path)) == ("tfrecord", compressed)
+        assert rows_of(path) == [(None, 0), (None, 4), (None, 2), (None, "unknown_label")]
+
+
+def test_tfrecord_length_mismatch_names_the_file_and_both_lengths(tmp_path):
+    path = write(tmp_path / "short.tfrecord", tfrecord_bytes(tmp_path, [([2] * 8, [1] * 8, 0)]))
+    with pytest.raises(DataError, match=r"short.tfrecord: feature input_ids has length 8 but max_seq_length is 16"):
+        rows_of(path)
+
+
+def test_bad_rows_are_counted_per_reason(tmp_path):
+    good = amazon_tsv(make_reviews(10)).rstrip(b"\n").split(b"\n")
+    header, rows = good[0], good[1:]
+    empty = rows[0].replace(b"was", b"").split(b"\t")
+    empty[13] = b"   "
+    bad_label = rows[1].split(b"\t")
+    bad_label[7] = b"6"
+    lines = [header, *rows[2:], b"\t".join(empty), b"\t".join(bad_label),
+             rows[2].replace(b"was", b"\xff\xfe"), b"too\tfew\tfields"]
+    path = write(tmp_path / "bad.tsv", b"\n".join(lines) + b"\n")
+    reasons = collections.Counter(r[1] for r in rows_of(path) if r[0] is None)
+    assert reasons == {"empty_text": 1, "unknown_label": 1, "undecodable": 1, "malformed": 1}
+
+
+def test_labels_match_as_values_whatever_their_type(tmp_path):
+    rows = [("five", 5), ("four", 4.0), ("three", "3"), ("two", " 2.0 ")]
+    pq.write_table(pa.table({"review_body": [r[0] for r in rows], "star_rating": [str(r[1]) for r in rows]}),
+                   tmp_path / "s.parquet")
+    assert [r[1] for r in rows_of(tmp_path / "s.parquet")] == [4, 3, 2, 1]
+    jsonl = "".join(json.dumps({"review_body": t, "star_rating": s}) + "\n" for t, s in rows)
+    assert [r[1] for r in rows_of(write(tmp_path / "s.jsonl", jsonl.encode()))] == [4, 3, 2, 1]
+
+
+@pytest.mark.parametrize("name, content", [
+    ("wrong.tsv", b"review\tstars\nnice\t5\n"),
+    ("wrong.csv", b"review,stars\nnice,5\n"),
+    ("wrong.jsonl", b'{"review": "nice", "stars": 5}\n'),
+])
+def test_a_missing_column_fails_with_the_columns_found(tmp_path, name, content):
+    path = write(tmp_path / name, content)
+    with pytest.raises(DataError, match=r"no column 'review_body', 'star_rating'; its columns are .*review.*stars"):
+        rows_of(path)
+
+
+def test_unreadable_files_fail_with_the_file_name(tmp_path):
+    path = write(tmp_path / "image.bin", bytes(range(256)) * 4)
+    with pytest.raises(DataError, match="image.bin: not a format this job reads"):
+        data.detect_format(str(path))
+
+
+def test_scan_counts_hashes_and_fails_over_the_bad_row_fraction(tmp_path, reviews):
+    channel_dir = tmp_path / "train"
+    channel_dir.mkdir()
+    write(channel_dir / "good.tsv", amazon_tsv(reviews))
+    write(channel_dir / "_SUCCESS", b"")
+    write(channel_dir / ".hidden", b"junk")
+    channel = data.scan_channel("train", str(channel_dir), SPEC, 0.01)
+    assert [f.path.rsplit("/", 1)[1] for f in channel.files] == ["good.tsv"]
+    assert channel.good_rows == 20 and len(channel.files[0].sha256) == 64
+
+    write(channel_dir / "bad.tsv", amazon_tsv([("", 5), ("fine", 9)]))
+    with pytest.raises(DataError) as error:
+        data.scan_channel("train", str(channel_dir), SPEC, 0.05)
+    message = str(error.value)
+    assert "channel 'train': 2 of 22 rows are bad" in message
+    assert "empty_text: 1, unknown_label: 1" in message and "bad.tsv" in message
+    assert "max_bad_row_fraction=0.05" in message
+    assert data.scan_channel("train", str(channel_dir), SPEC, 0.1).good_rows == 20
+
+
+def test_empty_channels_fail(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="channel 'test' .* has no files"):
+        data.scan_channel("test", str(tmp_path / "empty"), SPEC, 0.01)
+    write(tmp_path / "empty" / "header_only.tsv", b"review_body\tstar_rating\n")
+    with pytest.raises(DataError, match="channel 'test' has no usable rows"):
+        data.scan_channel("test", str(tmp_path / "empty"), SPEC, 0.01)
+
+
+def test_dataset_streams_all_good_rows_of_mixed_formats_tokenized(tmp_path, reviews, distilbert_dir):
+    tokenizer = ReviewTokenizer(open_checkpoint(distilbert_dir), SPEC.max_seq_length)
+    channel_dir = tmp_path / "train"
+    channel_dir.mkdir()
+    write(channel_dir / "a.tsv.gz", gzipped(amazon_tsv(reviews[:12] + [("", 3)])))
+    ids, mask = tokenizer(["a record"])
+    write(channel_dir / "b.tfrecord", tfrecord_bytes(tmp_path, [(ids[0].tolist(), mask[0].tolist(), 3)] * 3))
+    channel = data.scan_channel("train", str(channel_dir), SPEC, 0.5)
+    dataset = data.make_dataset(channel, SPEC, tokenizer, batch_size=4)
+    batches = list(dataset.as_numpy_iterator())
+    labels = np.concatenate([b[1] for b in batches])
+    assert [len(b[1]) for b in batches] == [4, 4, 4, 3]
+    assert labels.tolist() == [stars - 1 for _, stars in reviews[:12]] + [3, 3, 3]
+    first_ids, first_mask = tokenizer([reviews[0][0]])
+    assert (batches[0][0]["token_ids"][0] == first_ids[0]).all()
+    assert (batches[0][0]["padding_mask"][0] == first_mask[0]).all()
+    assert batches[0][0]["token_ids"].dtype == np.int32
+
+
+def test_training_order_is_shuffled_seeded_and_differs_per_epoch(tmp_path, distilbert_dir):
+    tokenizer = ReviewTokenizer(open_checkpoint(distilbert_dir), SPEC.max_seq_length)
+    channel_dir = tmp_path / "train"
+    channel_dir.mkdir()
+    for i in range(3):
+        write(channel_dir / f"part-{i}.tsv", amazon_tsv(make_reviews(30, seed=i)))
+    channel = data.scan_channel("train", str(channel_dir), SPEC, 0.01)
+
+    def epochs(seed):
+        dataset = data.make_dataset(channel, SPEC, tokenizer, batch_size=90, shuffle_seed=seed)
+        return [next(iter(dataset))[0]["token_ids"].numpy() for _ in range(2)]
+
+    first, again = epochs(1), epochs(1)
+    unshuffled = next(iter(data.make_dataset(channel, SPEC, tokenizer, batch_size=90)))[0]["token_ids"].numpy()
+    assert (first[0] == again[0]).all() and (first[1] == again[1]).all()
+    assert not (first[0] == first[1]).all() and not (first[0] == unshuffled).all()
+    assert sorted(map(bytes, first[0])) == sorted(map(bytes, unshuffled))

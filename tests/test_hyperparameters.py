@@ -1,0 +1,65 @@
+import pytest
+
+from review_trainer.errors import HyperparameterError
+from review_trainer.hyperparameters import AUTO, Hyperparameters
+
+
+def test_sagemaker_strings_are_parsed_by_type():
+    hp = Hyperparameters.from_dict({
+        "epochs": "2", "learning_rate": "0.00003", "epsilon": "1e-08", "train_batch_size": "128",
+        "freeze_bert_layer": "True", "run_test": "0", "use_xla": "false", "use_amp": "auto",
+        "train_steps_per_epoch": "50", "classes": "neg, pos", "max_seq_length": "128.0",
+    })
+    assert (hp.epochs, hp.learning_rate, hp.epsilon, hp.train_batch_size) == (2, 3e-5, 1e-8, 128)
+    assert hp.freeze_bert_layer is True and hp.run_test is False
+    assert hp.use_xla is False and hp.use_amp == AUTO
+    assert hp.train_steps_per_epoch == 50 and hp.validation_steps is None
+    assert hp.classes == ("neg", "pos") and hp.max_seq_length == 128
+
+
+def test_defaults_fix_the_books_defects():
+    hp = Hyperparameters.from_dict({})
+    assert hp.train_steps_per_epoch is None and hp.validation_steps is None and hp.test_steps is None
+    assert hp.classes == ("1", "2", "3", "4", "5") and hp.max_seq_length == 64
+
+
+@pytest.mark.parametrize("value", ["True", "true", "1", "False", "false", "0"])
+def test_booleans_accept_the_spellings_sagemaker_users_write(value):
+    assert Hyperparameters.from_dict({"run_validation": value}).run_validation is (value in ("True", "true", "1"))
+
+
+def test_unknown_names_fail_with_the_list_of_valid_names_and_sagemaker_keys_are_ignored():
+    with pytest.raises(HyperparameterError) as error:
+        Hyperparameters.from_dict({"lr": "0.1", "sagemaker_program": "train.py", "sagemaker_region": "us-east-1"})
+    message = str(error.value)
+    assert "unknown hyperparameter(s) lr" in message
+    assert "learning_rate" in message and "sagemaker_program" not in message
+
+
+def test_no_eval_of_values():
+    with pytest.raises(HyperparameterError, match="expected a number"):
+        Hyperparameters.from_dict({"epochs": "__import__('os').getcwd()"})
+
+
+def test_every_problem_is_reported_together():
+    with pytest.raises(HyperparameterError) as error:
+        Hyperparameters.from_dict({"epochs": "two", "use_amp": "maybe", "train_batch_size": "1.5"})
+    message = str(error.value)
+    assert "epochs='two': expected a number" in message
+    assert "use_amp='maybe': expected auto, true or false" in message
+    assert "train_batch_size='1.5': expected a whole number" in message
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ({"epochs": "0"}, "epochs must be at least 1"),
+    ({"learning_rate": "-1"}, "learning_rate must be between 0 and 1"),
+    ({"max_seq_length": "4"}, "max_seq_length must be between 8 and 512"),
+    ({"head": "mlp"}, "head must be one of cls, bilstm"),
+    ({"classes": "1,1,2"}, "classes must list at least two distinct"),
+    ({"test_steps": "0"}, "test_steps must be at least 1"),
+    ({"max_bad_row_fraction": "2"}, "max_bad_row_fraction must be between 0 and 1"),
+    ({"learning_rate": "nan"}, "expected a finite number"),
+])
+def test_out_of_range_values_fail_with_the_name_and_the_range(raw, expected):
+    with pytest.raises(HyperparameterError, match=expected):
+        Hyperparameters.from_dict(raw)

