@@ -154,7 +154,7 @@ def test_bert_checkpoint_with_csv_jsonl_parquet_and_tfrecord_channels(tmp_path, 
     assert "channel=train files=2 rows=50 bad_rows=0" in result.stdout
     assert "format=tfrecord" in result.stdout and "format=parquet" in result.stdout
     assert "format=jsonl+gzip" in result.stdout and "format=csv" in result.stdout
-    assert "sample_prediction" not in result.stdout
+    assert "sample_prediction label=" not in result.stdout
     assert os.path.exists(os.path.join(base, "model", "tensorflow", "saved_model", "0", "saved_model.pb"))
 
 

@@ -429,6 +429,8 @@ def make_dataset(channel, spec, tokenizer, batch_size, *, shuffle_seed=None, rep
     if shuffle_seed is not None:
         dataset = dataset.shuffle(_SHUFFLE_BUFFER, seed=shuffle_seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size)
+    if not repeat:  # the scan counted the rows: Keras then knows the epoch's length
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(math.ceil(channel.good_rows / batch_size)))
     dataset = dataset.map(
         lambda token_ids, padding_mask, label: ({"token_ids": token_ids, "padding_mask": padding_mask}, label)
     )

@@ -9,7 +9,7 @@ import time
 
 import keras
 
-_NUMBER = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?|nan|inf)"
+_NUMBER = r"([-+0-9.eE]+|nan|inf)"
 METRIC_NAMES = (
     "train_loss", "train_accuracy", "val_loss", "val_accuracy",
     "test_loss", "test_accuracy", "test_macro_f1", "train_samples_per_second",

@@ -1,7 +1,8 @@
 """The classifier: a pretrained encoder and a small classification head that outputs logits.
 
 Inputs are `token_ids` and `padding_mask` (int32, [batch, max_seq_length]); BERT's segment ids
-are all zero for a single text. The last layer stays float32 under mixed precision so that the
+are all zero for a single text. The `cls` head reads the [CLS] vector (through BERT's pretrained
+pooler where there is one, as BertForSequenceClassification does); `bilstm` is the book's head. The last layer stays float32 under mixed precision so that the
 logits and the loss are computed in full precision.
 """
 
@@ -19,11 +20,15 @@ def build_classifier(backbone, num_classes, max_seq_length, head="cls", dropout=
     if "segment_ids" in backbone.input:
         backbone_inputs["segment_ids"] = keras.ops.zeros_like(token_ids)
     encoded = backbone(backbone_inputs)
+    # BERT also returns its pretrained pooler (dense + tanh over [CLS]); DistilBERT has none.
     sequence = encoded["sequence_output"] if isinstance(encoded, dict) else encoded
+    pooled = encoded["pooled_output"] if isinstance(encoded, dict) else sequence[:, 0, :]
 
     if head == "cls":
-        x = keras.layers.Dropout(dropout, name="cls_dropout")(sequence[:, 0, :])
+        x = keras.layers.Dropout(dropout, name="cls_dropout")(pooled)
     else:  # the book's head
+        if isinstance(encoded, dict):  # the pooler is unused: keep it out of the optimizer
+            backbone.get_layer("pooled_dense").trainable = False
         x = keras.layers.Bidirectional(keras.layers.LSTM(50, return_sequences=True), name="bilstm")(sequence)
         x = keras.layers.GlobalMaxPooling1D(name="max_pool")(x)
         x = keras.layers.Dense(50, activation="relu", name="hidden")(x)

@@ -104,7 +104,7 @@ def run(env):
     # and a channel read once would run dry in the second epoch.
     model.fit(train_data, epochs=hp.epochs, steps_per_epoch=hp.train_steps_per_epoch,
               validation_data=validation_data, validation_steps=hp.validation_steps,
-              callbacks=callbacks, verbose=0)
+              callbacks=callbacks, shuffle=False, verbose=0)  # the dataset shuffles itself
     training_seconds = time.perf_counter() - started
 
     if not env.is_chief:
