@@ -149,6 +149,20 @@ def test_scan_counts_hashes_and_fails_over_the_bad_row_fraction(tmp_path, review
     assert data.scan_channel("train", str(channel_dir), SPEC, 0.1).good_rows == 20
 
 
+@pytest.mark.parametrize("name", ["cut.tsv.gz", "cut.parquet"])
+def test_a_truncated_file_fails_naming_the_file(tmp_path, reviews, name):
+    channel_dir = tmp_path / "train"
+    channel_dir.mkdir()
+    if name.endswith(".gz"):
+        content = gzipped(amazon_tsv(make_reviews(2000)))
+    else:
+        pq.write_table(pa.table(table(reviews)), tmp_path / "whole.parquet")
+        content = (tmp_path / "whole.parquet").read_bytes()
+    write(channel_dir / name, content[: len(content) // 2])
+    with pytest.raises(DataError, match=rf"{name}: "):
+        data.scan_channel("train", str(channel_dir), SPEC, 0.01)
+
+
 def test_empty_channels_fail(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="channel 'test' .* has no files"):

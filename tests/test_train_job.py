@@ -14,6 +14,7 @@ import pytest
 from conftest import (FAST_HYPERPARAMETERS, amazon_tsv, gzipped, make_opt_ml, make_reviews, read_failure,
                       run_train)
 from review_trainer.metric_log import METRIC_DEFINITIONS
+from review_trainer.precision import cpu_has_bf16
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
@@ -25,7 +26,7 @@ def distilbert_job(tmp_path_factory, distilbert_dir):
                   "part-2.tsv": amazon_tsv(make_reviews(40, 2))},
         "validation": {"validation.tsv": amazon_tsv(make_reviews(24, 3))},
         "test": {"test.tsv.gz": gzipped(amazon_tsv(make_reviews(30, 4)))},
-    }, {**FAST_HYPERPARAMETERS, "epochs": "2", "sagemaker_program": "ignored"})
+    }, {**FAST_HYPERPARAMETERS, "epochs": "2", "use_amp": "auto", "sagemaker_program": "ignored"})
     result = run_train(base, distilbert_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     return base, result
@@ -66,10 +67,14 @@ def test_log_has_anchored_metric_lines_per_epoch_and_sample_predictions(distilbe
     _, result = distilbert_job
     epoch_lines = [line for line in result.stdout.splitlines() if re.match(r"epoch=\d+ step=\d+ train_loss=", line)]
     assert len(epoch_lines) == 2 and all("val_loss=" in line and "val_accuracy=" in line for line in epoch_lines)
+    assert epoch_lines[-1].startswith("epoch=2 step=34 ")  # 2 epochs of 136 / 8 steps: no epoch ran dry
+    assert "ran out of data" not in result.stderr
     assert len(re.findall(r"^epoch=\d+ step=\d+ running_train_loss=", result.stdout, re.M)) >= 4
     for text in ("This is great!", "This is OK.", "This is terrible."):
         assert re.search(rf"sample_prediction label=[1-5] confidence=0\.\d+ text='{re.escape(text)}'", result.stdout)
     assert "channel=test files=1 rows=30 bad_rows=0" in result.stdout
+    expected_policy = "mixed_bfloat16" if cpu_has_bf16() else "float32"  # use_amp=auto
+    assert f"precision={expected_policy} xla=False" in result.stdout
 
 
 def test_metric_definition_regexes_capture_their_own_value_in_a_real_log(distilbert_job):
@@ -148,13 +153,17 @@ def test_bert_checkpoint_with_csv_jsonl_parquet_and_tfrecord_channels(tmp_path, 
         "train": {"a.parquet": (tmp_path / "train.parquet").read_bytes(), "b.tfrecord": records},
         "validation": {"validation.jsonl.gz": gzipped(jsonl.encode())},
         "test": {"test.csv": csv_text.encode()},
-    }, {**FAST_HYPERPARAMETERS, "head": "bilstm", "run_sample_predictions": "false"})
+    }, {**FAST_HYPERPARAMETERS, "head": "bilstm", "run_sample_predictions": "false", "enable_tensorboard": "true"})
+    with open(os.path.join(base, "input", "config", "checkpointconfig.json"), "w") as f:
+        json.dump({"LocalPath": os.path.join(base, "spot-checkpoints")}, f)
     result = run_train(base, bert_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "channel=train files=2 rows=50 bad_rows=0" in result.stdout
     assert "format=tfrecord" in result.stdout and "format=parquet" in result.stdout
     assert "format=jsonl+gzip" in result.stdout and "format=csv" in result.stdout
     assert "sample_prediction label=" not in result.stdout
+    assert os.listdir(os.path.join(base, "spot-checkpoints")) == ["epoch-001.weights.h5"]
+    assert os.listdir(os.path.join(base, "output", "tensorboard")) == ["train", "validation"]
     assert os.path.exists(os.path.join(base, "model", "tensorflow", "saved_model", "0", "saved_model.pb"))
 
 

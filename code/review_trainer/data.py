@@ -21,6 +21,7 @@ import json
 import math
 import os
 import struct
+import zlib
 
 import numpy as np
 
@@ -151,11 +152,17 @@ def scan_channel(name, channel_dir, spec, max_bad_row_fraction):
     for path in paths:
         file_format, compressed = detect_format(path)
         summary = FileSummary(path, file_format, compressed, os.path.getsize(path), _sha256(path))
-        for _, label in iter_rows(summary, spec):
-            if isinstance(label, str):
-                summary.bad_rows[label] += 1
-            else:
-                summary.good_rows += 1
+        try:
+            for _, label in iter_rows(summary, spec):
+                if isinstance(label, str):
+                    summary.bad_rows[label] += 1
+                else:
+                    summary.good_rows += 1
+        except (OSError, EOFError, zlib.error, ValueError) as error:  # pyarrow's errors derive from these
+            raise DataError(
+                f"{path}: cannot be read after {summary.good_rows + sum(summary.bad_rows.values())} rows "
+                f"({type(error).__name__}: {error}); is it truncated?"
+            ) from error
         summaries.append(summary)
     channel = ChannelSummary(name, summaries)
     _check_bad_rows(channel, max_bad_row_fraction)
