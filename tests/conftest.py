@@ -10,7 +10,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-import checkpoints  # noqa: E402
+import tiny_pretrained  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(os.path.dirname(sys.executable), "train")
@@ -99,9 +99,9 @@ def read_failure(base):
 
 @pytest.fixture(scope="session")
 def distilbert_dir(tmp_path_factory):
-    return checkpoints.make_distilbert(str(tmp_path_factory.mktemp("distilbert")))
+    return tiny_pretrained.make_distilbert(str(tmp_path_factory.mktemp("distilbert")))
 
 
 @pytest.fixture(scope="session")
 def bert_dir(tmp_path_factory):
-    return checkpoints.make_bert(str(tmp_path_factory.mktemp("bert")))
+    return tiny_pretrained.make_bert(str(tmp_path_factory.mktemp("bert")))

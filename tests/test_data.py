@@ -191,20 +191,30 @@ def test_dataset_streams_all_good_rows_of_mixed_formats_tokenized(tmp_path, revi
     assert batches[0][0]["token_ids"].dtype == np.int32
 
 
-def test_training_order_is_shuffled_seeded_and_differs_per_epoch(tmp_path, distilbert_dir):
+def test_training_stream_is_seeded_reshuffled_per_pass_and_resumable_at_any_batch(tmp_path, distilbert_dir):
     tokenizer = ReviewTokenizer(open_checkpoint(distilbert_dir), SPEC.max_seq_length)
     channel_dir = tmp_path / "train"
     channel_dir.mkdir()
     for i in range(3):
         write(channel_dir / f"part-{i}.tsv", amazon_tsv(make_reviews(30, seed=i)))
+    write(channel_dir / "part-3.tfrecord", tfrecord_bytes(tmp_path, [([2] + [i] * 15, [1] * 16, 1) for i in range(10)]))
     channel = data.scan_channel("train", str(channel_dir), SPEC, 0.01)
+    assert data.batches_per_pass(channel, 8) == 13  # 100 rows
 
-    def epochs(seed):
-        dataset = data.make_dataset(channel, SPEC, tokenizer, batch_size=90, shuffle_seed=seed)
-        return [next(iter(dataset))[0]["token_ids"].numpy() for _ in range(2)]
+    def batches(seed, start=0, count=30):
+        stream = data.make_training_stream(channel, SPEC, tokenizer, 8, seed, start_batch=start)
+        return [(x["token_ids"].numpy(), y.numpy()) for x, y in stream.take(count)]
 
-    first, again = epochs(1), epochs(1)
-    unshuffled = next(iter(data.make_dataset(channel, SPEC, tokenizer, batch_size=90)))[0]["token_ids"].numpy()
-    assert (first[0] == again[0]).all() and (first[1] == again[1]).all()
-    assert not (first[0] == first[1]).all() and not (first[0] == unshuffled).all()
-    assert sorted(map(bytes, first[0])) == sorted(map(bytes, unshuffled))
+    first, again, other_seed = batches(1), batches(1), batches(2)
+    assert all((a[0] == b[0]).all() for a, b in zip(first, again))
+    assert not all((a[0] == b[0]).all() for a, b in zip(first, other_seed))
+    pass_0, pass_1 = first[:13], first[13:26]
+    assert [len(y) for _, y in pass_0] == [8] * 12 + [4]
+    rows = lambda batches_: sorted(bytes(row) for ids, _ in batches_ for row in ids)  # noqa: E731
+    assert rows(pass_0) == rows(pass_1)  # every row once per pass ...
+    assert not all((a[0] == b[0]).all() for a, b in zip(pass_0, pass_1))  # ... in another order
+    unshuffled = list(data.make_dataset(channel, SPEC, tokenizer, 8).as_numpy_iterator())
+    assert rows(pass_0) == sorted(bytes(row) for x, _ in unshuffled for row in x["token_ids"])
+    for start in (5, 13, 20):  # a resumed job reads what an uninterrupted one would have
+        resumed = batches(1, start=start, count=30 - start)
+        assert all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(first[start:], resumed))

@@ -162,7 +162,7 @@ def test_bert_checkpoint_with_csv_jsonl_parquet_and_tfrecord_channels(tmp_path, 
     assert "format=tfrecord" in result.stdout and "format=parquet" in result.stdout
     assert "format=jsonl+gzip" in result.stdout and "format=csv" in result.stdout
     assert "sample_prediction label=" not in result.stdout
-    assert os.listdir(os.path.join(base, "spot-checkpoints")) == ["epoch-001.weights.h5"]
+    assert os.listdir(os.path.join(base, "spot-checkpoints")) == ["step-000000007"]  # ceil(50 / 8) steps
     assert os.listdir(os.path.join(base, "output", "tensorboard")) == ["train", "validation"]
     assert os.path.exists(os.path.join(base, "model", "tensorflow", "saved_model", "0", "saved_model.pb"))
 

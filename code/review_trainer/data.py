@@ -151,7 +151,7 @@ def scan_channel(name, channel_dir, spec, max_bad_row_fraction):
     summaries = []
     for path in paths:
         file_format, compressed = detect_format(path)
-        summary = FileSummary(path, file_format, compressed, os.path.getsize(path), _sha256(path))
+        summary = FileSummary(path, file_format, compressed, os.path.getsize(path), sha256_file(path))
         try:
             for _, label in iter_rows(summary, spec):
                 if isinstance(label, str):
@@ -371,7 +371,7 @@ def _tfrecord_rows(summary, spec):
         raise DataError(f"{summary.path}: truncated or corrupt TFRecord file ({error.message})") from error
 
 
-def _sha256(path):
+def sha256_file(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -379,34 +379,65 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def steps_for(rows, batch_size, steps):
-    """The number of batches an epoch takes: `steps` when set, else the whole channel."""
-    return steps if steps is not None else math.ceil(rows / batch_size)
+def batches_per_pass(channel, batch_size):
+    """Batches in one pass over the channel (the last one may be smaller)."""
+    return math.ceil(channel.good_rows / batch_size)
 
 
-def make_dataset(channel, spec, tokenizer, batch_size, *, shuffle_seed=None, repeat=False):
-    """A tf.data pipeline of ({"token_ids", "padding_mask"}, label) batches, streamed from disk.
+def make_dataset(channel, spec, tokenizer, batch_size, *, repeat=False):
+    """Batches of ({"token_ids", "padding_mask"}, label) in file order, for validation and test."""
+    import tensorflow as tf
 
-    With a shuffle seed, the file order is reshuffled each epoch and examples pass through a
-    seeded shuffle buffer; the same seed gives the same order.
+    dataset = _examples(channel, spec, tokenizer).batch(batch_size)
+    # The scan counted the rows: Keras then knows the epoch's length.
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches_per_pass(channel, batch_size)))
+    if repeat:
+        dataset = dataset.repeat()
+    return dataset.map(_as_features).prefetch(tf.data.AUTOTUNE)
+
+
+def make_training_stream(channel, spec, tokenizer, batch_size, seed, start_batch=0):
+    """The endless training stream, from batch `start_batch` on.
+
+    Pass p is the whole channel with its file order and a 10,000-example shuffle buffer seeded by
+    (seed, p), then batched; the stream is pass 0, pass 1, ... A batch's content depends only on
+    its index, so a job resumed at global step n reads exactly what an uninterrupted job would
+    have read from step n on. Epochs are cut from the stream by `steps_per_epoch`.
+    """
+    import tensorflow as tf
+
+    first_pass, offset = divmod(start_batch, batches_per_pass(channel, batch_size))
+
+    @tf.autograph.experimental.do_not_convert  # plain Python that builds a dataset
+    def one_pass(pass_index):
+        examples = _examples(channel, spec, tokenizer, file_order_seed=(seed, pass_index))
+        shuffle_seed = tf.constant(seed, tf.int64) * 1_000_003 + pass_index
+        return examples.shuffle(_SHUFFLE_BUFFER, seed=shuffle_seed, reshuffle_each_iteration=False).batch(batch_size)
+
+    stream = tf.data.Dataset.range(first_pass, 1 << 62).flat_map(one_pass).skip(offset)
+    return stream.map(_as_features).prefetch(tf.data.AUTOTUNE)
+
+
+def _as_features(token_ids, padding_mask, label):
+    return {"token_ids": token_ids, "padding_mask": padding_mask}, label
+
+
+def _examples(channel, spec, tokenizer, file_order_seed=None):
+    """Unbatched (token_ids, padding_mask, label) examples of every good row of the channel.
+
+    With file_order_seed = (seed, pass index) (a tensor inside the training stream), the order
+    of the files is shuffled by it.
     """
     import tensorflow as tf
 
     length = spec.max_seq_length
-    example_signature = (
-        tf.TensorSpec([length], tf.int32),
-        tf.TensorSpec([length], tf.int32),
-        tf.TensorSpec([], tf.int32),
-    )
     table_files = [f for f in channel.files if f.format != TFRECORD and f.good_rows]
     tfrecord_files = [f for f in channel.files if f.format == TFRECORD and f.good_rows]
-    epoch = [0]
 
-    def table_examples():
+    def table_examples(seed, pass_index):
         files = list(table_files)
-        if shuffle_seed is not None:
-            np.random.default_rng([shuffle_seed, epoch[0]]).shuffle(files)
-            epoch[0] += 1
+        if seed >= 0:
+            np.random.default_rng([seed, pass_index]).shuffle(files)
         for summary in files:
             texts, labels = [], []
             for text, label in iter_rows(summary, spec):
@@ -420,28 +451,33 @@ def make_dataset(channel, spec, tokenizer, batch_size, *, shuffle_seed=None, rep
             if texts:
                 yield _tokenized(tokenizer, texts, labels)
 
+    seed, pass_index = file_order_seed if file_order_seed is not None else (-1, 0)
     parts = []
     if table_files:
-        chunk_signature = tuple(
-            tf.TensorSpec([None, *spec_.shape], spec_.dtype) for spec_ in example_signature
+        chunks = tf.data.Dataset.from_generator(
+            table_examples,
+            args=(seed, pass_index),
+            output_signature=(
+                tf.TensorSpec([None, length], tf.int32),
+                tf.TensorSpec([None, length], tf.int32),
+                tf.TensorSpec([None], tf.int32),
+            ),
         )
-        parts.append(tf.data.Dataset.from_generator(table_examples, output_signature=chunk_signature).unbatch())
-    for summary in tfrecord_files:
-        parts.append(_tfrecord_dataset(summary, spec))
+        parts.append(chunks.unbatch())
+    for compressed in (False, True):
+        paths = [f.path for f in tfrecord_files if f.compressed == compressed]
+        if not paths:
+            continue
+        files = tf.data.Dataset.from_tensor_slices(paths)
+        if file_order_seed is not None:
+            files = files.shuffle(len(paths), seed=tf.constant(seed, tf.int64) * 7 + pass_index,
+                                  reshuffle_each_iteration=False)
+        records = files.flat_map(lambda path, c=compressed: tf.data.TFRecordDataset(path, "GZIP" if c else ""))
+        parts.append(_parse_tfrecords(records, spec))
     dataset = parts[0]
     for part in parts[1:]:
         dataset = dataset.concatenate(part)
-    if repeat:
-        dataset = dataset.repeat()
-    if shuffle_seed is not None:
-        dataset = dataset.shuffle(_SHUFFLE_BUFFER, seed=shuffle_seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size)
-    if not repeat:  # the scan counted the rows: Keras then knows the epoch's length
-        dataset = dataset.apply(tf.data.experimental.assert_cardinality(math.ceil(channel.good_rows / batch_size)))
-    dataset = dataset.map(
-        lambda token_ids, padding_mask, label: ({"token_ids": token_ids, "padding_mask": padding_mask}, label)
-    )
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    return dataset
 
 
 def _tokenized(tokenizer, texts, labels):
@@ -449,7 +485,7 @@ def _tokenized(tokenizer, texts, labels):
     return token_ids, padding_mask, np.asarray(labels, dtype=np.int32)
 
 
-def _tfrecord_dataset(summary, spec):
+def _parse_tfrecords(records, spec):
     import tensorflow as tf
 
     length = spec.max_seq_length
@@ -469,5 +505,4 @@ def _tfrecord_dataset(summary, spec):
             tf.cast(example["label_ids"], tf.int32),
         )
 
-    dataset = tf.data.TFRecordDataset(summary.path, compression_type="GZIP" if summary.compressed else "")
-    return dataset.map(parse).filter(lambda _ids, _mask, label: (label >= 0) & (label < num_classes))
+    return records.map(parse).filter(lambda _ids, _mask, label: (label >= 0) & (label < num_classes))

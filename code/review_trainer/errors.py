@@ -41,3 +41,20 @@ class ResourceError(JobError):
 
     kind = "ResourceError"
     exit_code = 5
+
+
+class CheckpointError(JobError):
+    """A checkpoint exists but was written by a job with other settings or data."""
+
+    kind = "CheckpointError"
+    exit_code = 6
+
+
+class JobStopped(JobError):
+    """SIGTERM (spot interruption, StopTrainingJob, `docker stop`) or SIGINT arrived."""
+
+    kind = "Stopped"
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code

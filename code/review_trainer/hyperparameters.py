@@ -46,8 +46,12 @@ class Hyperparameters:
     run_test: bool = True
     run_sample_predictions: bool = True
     enable_tensorboard: bool = False
-    enable_checkpointing: bool = False
     log_every_n_steps: int = 50
+    # Checkpoints (on when checkpointconfig.json exists or enable_checkpointing is true)
+    enable_checkpointing: bool = False
+    checkpoint_every_n_steps: int | str = AUTO  # auto: the interval keeps saving under 5% of training time
+    keep_checkpoints: int = 2
+    resume: bool = True  # false: delete the checkpoints found and start fresh
 
     @classmethod
     def from_dict(cls, raw):
@@ -79,13 +83,15 @@ class Hyperparameters:
     def _range_problems(self):
         problems = []
         for name in ("epochs", "train_batch_size", "validation_batch_size", "test_batch_size",
-                     "log_every_n_steps"):
+                     "log_every_n_steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("train_steps_per_epoch", "validation_steps", "test_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"{name} must be at least 1 (or absent for the whole channel), got {value}")
+        if self.checkpoint_every_n_steps != AUTO and self.checkpoint_every_n_steps < 1:
+            problems.append(f"checkpoint_every_n_steps must be at least 1 or auto, got {self.checkpoint_every_n_steps}")
         if not 0 < self.learning_rate < 1:
             problems.append(f"learning_rate must be between 0 and 1, got {self.learning_rate}")
         if not 0 < self.epsilon < 1:
@@ -153,6 +159,15 @@ def _parse_bool_or_auto(value):
         raise ValueError("expected auto, true or false") from None
 
 
+def _parse_int_or_auto(value):
+    if str(value).strip().lower() == AUTO:
+        return AUTO
+    try:
+        return _parse_int(value)
+    except ValueError:
+        raise ValueError("expected auto or a whole number") from None
+
+
 def _parse_str(value):
     return str(value).strip()
 
@@ -178,6 +193,7 @@ _PARSER_BY_TYPE = {
     "float": _parse_float,
     "bool": _parse_bool,
     "bool | str": _parse_bool_or_auto,
+    "int | str": _parse_int_or_auto,
     "str": _parse_str,
     "str | None": _parse_optional_str,
     "tuple": _parse_classes,

@@ -28,12 +28,12 @@ def _format(value):
 class MetricLogger(keras.callbacks.Callback):
     """One line per epoch and one every `every_n_steps` steps, for people and for SageMaker."""
 
-    def __init__(self, every_n_steps, batch_size, print_fn=print):
+    def __init__(self, every_n_steps, batch_size, global_step=0, print_fn=print):
         super().__init__()
         self.every_n_steps = every_n_steps
         self.batch_size = batch_size
         self.print_fn = print_fn
-        self.global_step = 0
+        self.global_step = global_step
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch + 1

@@ -20,19 +20,21 @@ import traceback
 
 import keras
 
-from review_trainer import data, environment, evaluate, export, precision
+from review_trainer import checkpointing, data, environment, evaluate, export, precision
 from review_trainer.errors import (
-    EXIT_INTERNAL_ERROR, EXIT_SUCCESS, DataError, HyperparameterError, JobError, ResourceError,
+    EXIT_INTERNAL_ERROR, EXIT_SUCCESS, CheckpointError, DataError, HyperparameterError, JobError,
+    ResourceError,
 )
 from review_trainer.hyperparameters import Hyperparameters
 from review_trainer.metric_log import MetricLogger, format_metrics
 from review_trainer.model import build_classifier
 from review_trainer.pretrained import ReviewTokenizer, load_backbone, open_checkpoint
+from review_trainer.stopping import StopSignal
 
 SAMPLE_REVIEWS = ("This is great!", "This is OK.", "This is terrible.")
 
 
-def run(env):
+def run(env, stop_signal):
     # 1. contract and hyperparameters
     hp = Hyperparameters.from_dict(env.hyperparameters)
     if environment.TRAIN_CHANNEL not in env.channel_dirs:
@@ -72,15 +74,14 @@ def run(env):
         channels[name] = data.scan_channel(name, env.channel_dirs[name], spec, hp.max_bad_row_fraction)
         for line in data.describe(channels[name]):
             print(line)
-    train_data = data.make_dataset(channels["train"], spec, tokenizer, hp.train_batch_size,
-                                   shuffle_seed=hp.seed, repeat=hp.train_steps_per_epoch is not None)
-    train_steps = data.steps_for(channels["train"].good_rows, hp.train_batch_size, hp.train_steps_per_epoch)
+    steps_per_epoch = hp.train_steps_per_epoch or data.batches_per_pass(channels["train"], hp.train_batch_size)
+    total_steps = hp.epochs * steps_per_epoch
     validation_data = None
     if "validation" in channels:
         validation_data = data.make_dataset(channels["validation"], spec, tokenizer, hp.validation_batch_size,
                                             repeat=hp.validation_steps is not None)
 
-    # 4. model and training
+    # 4. model, resume, training
     backbone = load_backbone(checkpoint)
     backbone.trainable = not hp.freeze_bert_layer
     model = build_classifier(backbone, len(hp.classes), hp.max_seq_length, head=hp.head)
@@ -90,22 +91,53 @@ def run(env):
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=jit_compile,
     )
-    callbacks = [MetricLogger(hp.log_every_n_steps, hp.train_batch_size)]
+    store = None
+    fingerprint = checkpointing.fingerprint(hp, channels["train"], checkpoint, policy)
+    global_step = 0
+    if hp.enable_checkpointing or env.checkpoint_config_present:
+        store = checkpointing.CheckpointStore(env.checkpoint_dir, hp.keep_checkpoints)
+        if not hp.resume:
+            print(f"resume=false: deleting the checkpoints in {env.checkpoint_dir}")
+            store.remove_all()
+        store.remove_temporary()
+        saved = store.latest()
+        if saved is not None:
+            mismatch = checkpointing.differences(saved.fingerprint, fingerprint)
+            if mismatch:
+                raise CheckpointError(
+                    f"the checkpoint {saved.path} was written by a different job: {'; '.join(mismatch)}. "
+                    "Run with the original settings and data to resume, or set resume=false to delete "
+                    "the checkpoints and start fresh"
+                )
+            checkpointing.restore(model, saved)
+            global_step = saved.global_step
+            print(f"resumed from {saved.path}: global step {global_step} of {total_steps}")
+    checkpointer = checkpointing.Checkpointer(store if env.is_chief else None, fingerprint, global_step,
+                                              total_steps, hp.checkpoint_every_n_steps, stop_signal)
+    callbacks = [MetricLogger(hp.log_every_n_steps, hp.train_batch_size, global_step), checkpointer]
     if hp.enable_tensorboard and env.is_chief:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=env.tensorboard_dir, update_freq="epoch"))
-    if (hp.enable_checkpointing or env.checkpoint_config_present) and env.is_chief:
-        os.makedirs(env.checkpoint_dir, exist_ok=True)
-        callbacks.append(keras.callbacks.ModelCheckpoint(
-            os.path.join(env.checkpoint_dir, "epoch-{epoch:03d}.weights.h5"), save_weights_only=True))
-    print(f"training: {hp.epochs} epoch(s) of {train_steps} steps, "
+    print(f"training: {hp.epochs} epoch(s) of {steps_per_epoch} steps from step {global_step}, "
           f"{model.count_params():,} parameters ({'encoder frozen' if hp.freeze_bert_layer else 'all trainable'})")
     started = time.perf_counter()
-    # Steps are given only when set: with steps_per_epoch, Keras keeps one iterator across epochs,
-    # and a channel read once would run dry in the second epoch.
-    model.fit(train_data, epochs=hp.epochs, steps_per_epoch=hp.train_steps_per_epoch,
-              validation_data=validation_data, validation_steps=hp.validation_steps,
-              callbacks=callbacks, shuffle=False, verbose=0)  # the dataset shuffles itself
+    with stop_signal.deferred():
+        # An interrupted epoch is finished first, with its remaining steps; then whole epochs.
+        # Each fit reads the training stream from its own global step (see make_training_stream).
+        epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
+        while epoch < hp.epochs:
+            train_stream = data.make_training_stream(channels["train"], spec, tokenizer, hp.train_batch_size,
+                                                     hp.seed, start_batch=global_step)
+            last_epoch = epoch + 1 if step_in_epoch else hp.epochs
+            model.fit(train_stream, initial_epoch=epoch, epochs=last_epoch,
+                      steps_per_epoch=steps_per_epoch - step_in_epoch, validation_data=validation_data,
+                      validation_steps=hp.validation_steps, callbacks=callbacks, shuffle=False, verbose=0)
+            epoch, step_in_epoch = last_epoch, 0
+            global_step = epoch * steps_per_epoch
     training_seconds = time.perf_counter() - started
+    if checkpointer.saves:
+        print(f"checkpoints={checkpointer.saves} checkpoint_seconds_total={checkpointer.save_seconds:.2f} "
+              f"training_seconds={training_seconds:.1f} "
+              f"checkpoint_share={checkpointer.save_seconds / training_seconds:.2%}")
 
     if not env.is_chief:
         return
@@ -157,9 +189,11 @@ def run(env):
 
 
 def main():
+    stop_signal = StopSignal()
+    stop_signal.install()
     environment.clear_outcome()
     try:
-        run(environment.read_environment())
+        run(environment.read_environment(), stop_signal)
         environment.write_success()
         print("training job succeeded")
         return EXIT_SUCCESS
@@ -187,8 +221,6 @@ def describe_failure(error):
     if isinstance(error, MemoryError):
         resource = ResourceError("out of memory; lower train_batch_size or max_seq_length, or use a larger instance")
         return resource.kind, str(resource), resource.exit_code
-    if isinstance(error, KeyboardInterrupt):
-        return "Stopped", "the job was interrupted (SIGINT)", 130
     return "InternalError", f"{type(error).__name__}: {error}", EXIT_INTERNAL_ERROR
 
 

@@ -1,0 +1,226 @@
+"""Spot-safe training: checkpoints, exact resume, and a clean stop on SIGTERM."""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import FAST_HYPERPARAMETERS, TRAIN, amazon_tsv, make_opt_ml, make_reviews, read_failure, run_train
+from review_trainer import checkpointing
+
+SPOT_HYPERPARAMETERS = {
+    **FAST_HYPERPARAMETERS, "epochs": "2", "log_every_n_steps": "1", "checkpoint_every_n_steps": "4",
+    "run_sample_predictions": "false", "run_test": "false",
+}
+
+
+def spot_job(base, hyperparameters=None):
+    """A job with a CheckpointConfig, as managed spot training sets one: 12 steps per epoch."""
+    make_opt_ml(base, {
+        "train": {"train.tsv": amazon_tsv(make_reviews(96, 11))},
+        "validation": {"validation.tsv": amazon_tsv(make_reviews(16, 12))},
+    }, hyperparameters or SPOT_HYPERPARAMETERS)
+    with open(os.path.join(base, "input", "config", "checkpointconfig.json"), "w") as f:
+        json.dump({"LocalPath": os.path.join(base, "checkpoints"), "S3Uri": "s3://bucket/checkpoints"}, f)
+    return base
+
+
+def final_state(base):
+    store = checkpointing.CheckpointStore(os.path.join(base, "checkpoints"), keep=2)
+    saved = store.latest()
+    with np.load(os.path.join(saved.path, checkpointing.STATE_FILE)) as arrays:
+        return saved.global_step, [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+
+
+def run_until_step_then_signal(base, pretrained, step, signum=signal.SIGTERM):
+    """Starts `train`, sends the signal once the log shows `step`, returns (exit code, log, seconds to exit)."""
+    env = dict(os.environ, SAGEMAKER_BASE_DIR=base, PRETRAINED_MODEL_DIR=pretrained, PYTHONUNBUFFERED="1",
+               TF_CPP_MIN_LOG_LEVEL="2")
+    process = subprocess.Popen([TRAIN], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lines = []
+    signalled_at = None
+    for line in process.stdout:
+        lines.append(line)
+        if signalled_at is None and re.match(rf"epoch=\d+ step={step} ", line):
+            process.send_signal(signum)
+            signalled_at = time.monotonic()
+    exit_code = process.wait(timeout=120)
+    assert signalled_at is not None, "".join(lines)
+    return exit_code, "".join(lines), time.monotonic() - signalled_at
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, distilbert_dir):
+    base = spot_job(str(tmp_path_factory.mktemp("uninterrupted")))
+    result = run_train(base, distilbert_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return base, result
+
+
+def test_checkpoints_every_n_steps_and_at_epoch_end_keeping_the_last_two(uninterrupted):
+    base, result = uninterrupted
+    saved_steps = [int(s) for s in re.findall(r"^checkpoint step=(\d+) checkpoint_seconds=", result.stdout, re.M)]
+    assert saved_steps == [4, 8, 12, 16, 20, 24]  # every 4 steps; 12 and 24 are also epoch ends
+    assert sorted(os.listdir(os.path.join(base, "checkpoints"))) == ["step-000000020", "step-000000024"]
+    assert re.search(r"^checkpoints=6 checkpoint_seconds_total=\S+ training_seconds=\S+ checkpoint_share=\S+%$",
+                     result.stdout, re.M)
+    with open(os.path.join(base, "checkpoints", "step-000000024", checkpointing.MANIFEST_FILE)) as f:
+        manifest = json.load(f)
+    assert manifest["global_step"] == 24
+    assert manifest["fingerprint"]["hyperparameter learning_rate"] == "0.001"
+    assert any(path.endswith("seed_generator_state") for path, _ in manifest["variables"])  # dropout RNG
+    assert any("adam/" in path or "iteration" in path for path, _ in manifest["variables"])  # optimizer
+
+
+def test_sigterm_at_random_points_then_resume_ends_with_the_uninterrupted_weights(tmp_path, uninterrupted,
+                                                                                   distilbert_dir):
+    base = spot_job(str(tmp_path / "spot"))
+    points = sorted(random.Random(os.environ.get("SPOT_TEST_SEED", "3")).sample(range(1, 24), 3))
+    saved_step = 0
+    for point in points:
+        # The signal lands while a later step runs: the next point is after the last checkpoint.
+        exit_code, log, seconds = run_until_step_then_signal(base, distilbert_dir, max(point, saved_step + 1))
+        assert exit_code == 143, log
+        assert seconds < 30
+        failure = read_failure(base)
+        stopped = re.match(r"Stopped: the job received SIGTERM at step (\d+) of 24; a checkpoint of step (\d+) is "
+                           r"in .*/checkpoints: run the job again with the same checkpoint location", failure)
+        assert stopped and stopped[1] == stopped[2], failure  # nothing lost: the stop step is saved
+        saved_step = int(stopped[2])
+        assert not os.path.exists(os.path.join(base, "model", "tensorflow"))
+        if saved_step >= 23:
+            break
+    result = run_train(base, distilbert_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"^resumed from .*/checkpoints/step-\d+: global step \d+ of 24$", result.stdout, re.M)
+    step, weights = final_state(base)
+    expected_step, expected_weights = final_state(uninterrupted[0])
+    assert step == expected_step == 24
+    assert len(weights) == len(expected_weights)
+    for got, expected in zip(weights, expected_weights):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert os.path.exists(os.path.join(base, "output", "success"))
+
+
+def test_sigterm_with_checkpointing_off_says_the_progress_is_lost(tmp_path, distilbert_dir):
+    base = make_opt_ml(str(tmp_path), {"train": {"t.tsv": amazon_tsv(make_reviews(96))}}, SPOT_HYPERPARAMETERS)
+    exit_code, log, _ = run_until_step_then_signal(base, distilbert_dir, 3)
+    assert exit_code == 143
+    assert re.match(r"Stopped: the job received SIGTERM at step \d+ of 24; checkpointing is off, so the "
+                    r"progress is lost: set enable_checkpointing=true", read_failure(base))
+
+
+def test_sigint_stops_the_same_way_with_its_own_exit_code(tmp_path, distilbert_dir):
+    base = spot_job(str(tmp_path))
+    exit_code, _, _ = run_until_step_then_signal(base, distilbert_dir, 2, signal.SIGINT)
+    assert exit_code == 130 and read_failure(base).startswith("Stopped: the job received SIGINT at step")
+
+
+def test_a_checkpoint_of_another_job_fails_with_what_differs_and_resume_false_starts_fresh(tmp_path, distilbert_dir):
+    base = spot_job(str(tmp_path), {**SPOT_HYPERPARAMETERS, "epochs": "1"})
+    assert run_train(base, distilbert_dir).returncode == 0
+    with open(os.path.join(base, "input", "data", "train", "train.tsv"), "ab") as f:
+        f.write(amazon_tsv(make_reviews(8, 99)).split(b"\n", 1)[1])
+    spot_job_config = os.path.join(base, "input", "config", "hyperparameters.json")
+    with open(spot_job_config, "w") as f:
+        json.dump({**SPOT_HYPERPARAMETERS, "learning_rate": "0.002"}, f)
+    result = run_train(base, distilbert_dir)
+    assert result.returncode == 6
+    failure = read_failure(base).splitlines()[0]
+    assert re.match(r"CheckpointError: the checkpoint .*/step-000000012 was written by a different job: "
+                    r"hyperparameter learning_rate was '0.001', now '0.002'; train file train.tsv sha256 was "
+                    r"'[0-9a-f]{64}', now '[0-9a-f]{64}'\. .*set resume=false", failure), failure
+    with open(spot_job_config, "w") as f:
+        json.dump({**SPOT_HYPERPARAMETERS, "learning_rate": "0.002", "resume": "false"}, f)
+    result = run_train(base, distilbert_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resume=false: deleting the checkpoints" in result.stdout and "resumed from" not in result.stdout
+
+
+def _tiny_model():
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Dropout(0.5)(inputs)))
+    model.compile(optimizer="adam", loss="mse")
+    model.train_on_batch(np.ones((2, 3)), np.ones((2, 2)))
+    return model
+
+
+def test_a_corrupt_or_truncated_checkpoint_is_skipped_with_a_warning(tmp_path):
+    model = _tiny_model()
+    warnings = []
+    store = checkpointing.CheckpointStore(str(tmp_path), keep=3, print_fn=warnings.append)
+    fingerprint = {"hyperparameter seed": "1"}
+    for step in (1, 2, 3):
+        store.save(checkpointing.training_variables(model), step, fingerprint)
+    assert store.latest().global_step == 3
+    state = tmp_path / "step-000000003" / checkpointing.STATE_FILE
+    state.write_bytes(state.read_bytes()[:-10])
+    assert store.latest().global_step == 2
+    data = bytearray((tmp_path / "step-000000002" / checkpointing.STATE_FILE).read_bytes())
+    data[-20] ^= 0xFF
+    (tmp_path / "step-000000002" / checkpointing.STATE_FILE).write_bytes(bytes(data))
+    assert store.latest().global_step == 1
+    assert any("step-000000003: state.npz has" in w and "(truncated)" in w for w in warnings)
+    assert any("step-000000002: state.npz does not match its SHA-256 (corrupt)" in w for w in warnings)
+
+
+def test_restore_brings_back_weights_optimizer_state_and_dropout_seeds(tmp_path):
+    model = _tiny_model()
+    store = checkpointing.CheckpointStore(str(tmp_path), keep=2)
+    store.save(checkpointing.training_variables(model), 1, {})
+    expected = [keras.ops.convert_to_numpy(v.value).copy() for v in checkpointing.training_variables(model)]
+    model.train_on_batch(np.ones((2, 3)), np.zeros((2, 2)))  # moves weights, moments, iterations, seeds
+    fresh = _tiny_model()
+    checkpointing.restore(fresh, store.latest())
+    restored = [keras.ops.convert_to_numpy(v.value) for v in checkpointing.training_variables(fresh)]
+    for got, want in zip(restored, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+KILL_WHILE_WRITING = r"""
+import os, signal, sys
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from test_spot_training import _tiny_model
+from review_trainer import checkpointing
+model = _tiny_model()
+store = checkpointing.CheckpointStore(sys.argv[1], keep=2)
+store.save(checkpointing.training_variables(model), 1, {})
+real_savez = np.savez
+def savez_then_die(file, *arrays):
+    real_savez(file, *arrays)
+    file.flush()
+    os.kill(os.getpid(), signal.SIGKILL)  # the state file is written, the manifest is not
+np.savez = savez_then_die
+store.save(checkpointing.training_variables(model), 2, {})
+"""
+
+
+def test_sigkill_while_writing_leaves_the_previous_checkpoint_intact_and_used(tmp_path):
+    killed = subprocess.run([sys.executable, "-c", KILL_WHILE_WRITING, str(tmp_path), os.path.dirname(__file__)],
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert sorted(os.listdir(tmp_path)) == [".tmp-step-000000002", "step-000000001"]
+    store = checkpointing.CheckpointStore(str(tmp_path), keep=2)
+    assert store.latest().global_step == 1
+    store.remove_temporary()
+    assert os.listdir(tmp_path) == ["step-000000001"]
+
+
+def test_auto_interval_keeps_saving_under_five_percent_of_step_time():
+    checkpointer = checkpointing.Checkpointer(None, {}, 0, 100, "auto", stop_signal=None)
+    assert checkpointer.interval() == float("inf")  # step time not measured yet
+    checkpointer._step_seconds = [0.5] * 10
+    checkpointer.last_save_seconds = 2.0
+    interval = checkpointer.interval()
+    assert 2.0 / (interval * 0.5) < 0.05 and interval == 100
+    checkpointer.every_n_steps = 7
+    assert checkpointer.interval() == 7
