@@ -34,13 +34,13 @@ test: $(VENV)/.installed
 benchmark: $(VENV)/.installed
 	$(PY) tests/benchmarks/movie5.py --data ../shared/data/movie5 --pretrained $(PRETRAINED)
 
+# Re-resolves the lock files from docker/*.in (needs uv: pip install uv).
+UV_COMPILE := uv pip compile --python-version 3.11 --python-platform x86_64-manylinux_2_28 --quiet
 lock:
-	cd docker && uv pip compile requirements.in --generate-hashes --python-version 3.11 \
-	    --python-platform x86_64-manylinux_2_28 -o requirements.lock
-	cd docker && uv pip compile requirements-nodeps.in --no-deps --generate-hashes --python-version 3.11 \
-	    --python-platform x86_64-manylinux_2_28 -o requirements-nodeps.lock
-	cd docker && uv pip compile requirements-dev.in -c requirements.lock --python-version 3.11 \
-	    --python-platform x86_64-manylinux_2_28 -o requirements-dev.lock
+	cd docker && $(UV_COMPILE) --generate-hashes requirements.in -o requirements.lock
+	cd docker && $(UV_COMPILE) --generate-hashes requirements-gpu.in -o requirements-gpu.lock
+	cd docker && $(UV_COMPILE) --generate-hashes --no-deps requirements-nodeps.in -o requirements-nodeps.lock
+	cd docker && $(UV_COMPILE) -c requirements.lock requirements-dev.in -o requirements-dev.lock
 
 clean:
 	rm -rf build $(VENV)

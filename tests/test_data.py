@@ -1,5 +1,4 @@
 import collections
-import gzip
 import json
 
 import numpy as np
@@ -7,7 +6,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
-
 from conftest import amazon_tsv, gzipped, make_reviews
 from review_trainer import data
 from review_trainer.errors import DataError

@@ -1,5 +1,4 @@
 import pytest
-
 from review_trainer.errors import HyperparameterError
 from review_trainer.hyperparameters import AUTO, Hyperparameters
 

@@ -1,7 +1,6 @@
 import keras
 import numpy as np
 import pytest
-
 from review_trainer.model import build_classifier
 from review_trainer.pretrained import load_backbone, open_checkpoint
 

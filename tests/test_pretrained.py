@@ -3,7 +3,6 @@ import os
 import numpy as np
 import pytest
 import transformers
-
 from review_trainer.errors import PretrainedModelError
 from review_trainer.pretrained import ReviewTokenizer, load_backbone, open_checkpoint
 

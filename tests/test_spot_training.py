@@ -12,7 +12,6 @@ import time
 import keras
 import numpy as np
 import pytest
-
 from conftest import FAST_HYPERPARAMETERS, TRAIN, amazon_tsv, make_opt_ml, make_reviews, read_failure, run_train
 from review_trainer import checkpointing
 

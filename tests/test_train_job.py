@@ -10,9 +10,7 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from conftest import (FAST_HYPERPARAMETERS, amazon_tsv, gzipped, make_opt_ml, make_reviews, read_failure,
-                      run_train)
+from conftest import FAST_HYPERPARAMETERS, amazon_tsv, gzipped, make_opt_ml, make_reviews, read_failure, run_train
 from review_trainer.metric_log import METRIC_DEFINITIONS
 from review_trainer.precision import cpu_has_bf16
 
@@ -138,8 +136,8 @@ print(json.dumps({"accuracy": float((probabilities.argmax(1) == labels).mean()),
 
 
 def test_bert_checkpoint_with_csv_jsonl_parquet_and_tfrecord_channels(tmp_path, bert_dir):
-    from test_data import tfrecord_bytes
     from review_trainer.pretrained import ReviewTokenizer, open_checkpoint
+    from test_data import tfrecord_bytes
 
     reviews = make_reviews(40, 5)
     pq.write_table(pa.table({"review_body": [t for t, _ in reviews], "star_rating": [s for _, s in reviews]}),

@@ -16,7 +16,6 @@ SageMaker finds deleted locally it deletes from S3).
 """
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -25,7 +24,6 @@ import time
 
 import keras
 import numpy as np
-
 from review_trainer.data import sha256_file
 from review_trainer.errors import CheckpointError
 

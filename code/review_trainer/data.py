@@ -24,7 +24,6 @@ import struct
 import zlib
 
 import numpy as np
-
 from review_trainer.errors import DataError
 
 TFRECORD = "tfrecord"

@@ -7,7 +7,6 @@ logits and the loss are computed in full precision.
 """
 
 import keras
-
 from review_trainer.hyperparameters import HEADS
 
 

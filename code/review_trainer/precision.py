@@ -10,7 +10,6 @@ without bf16 instructions keep float32.
 """
 
 import tensorflow as tf
-
 from review_trainer.hyperparameters import AUTO
 
 

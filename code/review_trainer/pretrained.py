@@ -11,9 +11,8 @@ import os
 
 import numpy as np
 import tokenizers
-from tokenizers.implementations import BertWordPieceTokenizer
-
 from review_trainer.errors import PretrainedModelError
+from tokenizers.implementations import BertWordPieceTokenizer
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "vocab.txt")
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

@@ -4,12 +4,12 @@ Read top to bottom, this is the job:
   1. read the contract and the hyperparameters
   2. open the pretrained checkpoint and its tokenizer
   3. scan the channels (formats, bad rows, hashes) and build streaming datasets
-  4. build the classifier and fit it
+  4. build the classifier, resume from the newest checkpoint, and fit it (SIGTERM: checkpoint, stop)
   5. evaluate on the test channel, print sample predictions
   6. export the SavedModel, tokenizer, label map, metrics and manifest; publish them; success
 
 Any error ends in output/failure (first line `<Kind>: <message>`) and a non-zero exit code; see
-errors.py. Training runs in this process, so a SIGTERM reaches it.
+errors.py. Training runs in this process, which handles SIGTERM itself (stopping.py).
 """
 
 import errno
@@ -19,10 +19,14 @@ import time
 import traceback
 
 import keras
-
 from review_trainer import checkpointing, data, environment, evaluate, export, precision
 from review_trainer.errors import (
-    EXIT_INTERNAL_ERROR, EXIT_SUCCESS, CheckpointError, DataError, HyperparameterError, JobError,
+    EXIT_INTERNAL_ERROR,
+    EXIT_SUCCESS,
+    CheckpointError,
+    DataError,
+    HyperparameterError,
+    JobError,
     ResourceError,
 )
 from review_trainer.hyperparameters import Hyperparameters
@@ -52,13 +56,13 @@ def run(env, stop_signal):
     print("hyperparameters " + " ".join(f"{k}={v}" for k, v in hp.to_dict().items()))
 
     # 2. pretrained checkpoint
-    checkpoint = open_checkpoint(hp.pretrained_model_dir or env.default_pretrained_model_dir)
-    if hp.max_seq_length > checkpoint.max_positions:
+    pretrained = open_checkpoint(hp.pretrained_model_dir or env.default_pretrained_model_dir)
+    if hp.max_seq_length > pretrained.max_positions:
         raise HyperparameterError(
             f"max_seq_length={hp.max_seq_length} exceeds the checkpoint's "
-            f"max_position_embeddings={checkpoint.max_positions}"
+            f"max_position_embeddings={pretrained.max_positions}"
         )
-    tokenizer = ReviewTokenizer(checkpoint, hp.max_seq_length)
+    tokenizer = ReviewTokenizer(pretrained, hp.max_seq_length)
 
     # 3. data
     spec = data.RowSpec(hp.text_column, hp.label_column, hp.classes, hp.max_seq_length)
@@ -82,7 +86,7 @@ def run(env, stop_signal):
                                             repeat=hp.validation_steps is not None)
 
     # 4. model, resume, training
-    backbone = load_backbone(checkpoint)
+    backbone = load_backbone(pretrained)
     backbone.trainable = not hp.freeze_bert_layer
     model = build_classifier(backbone, len(hp.classes), hp.max_seq_length, head=hp.head)
     model.compile(
@@ -92,7 +96,7 @@ def run(env, stop_signal):
         jit_compile=jit_compile,
     )
     store = None
-    fingerprint = checkpointing.fingerprint(hp, channels["train"], checkpoint, policy)
+    fingerprint = checkpointing.fingerprint(hp, channels["train"], pretrained, policy)
     global_step = 0
     if hp.enable_checkpointing or env.checkpoint_config_present:
         store = checkpointing.CheckpointStore(env.checkpoint_dir, hp.keep_checkpoints)
@@ -167,13 +171,13 @@ def run(env, stop_signal):
 
     # 6. export, then publish
     export.export_saved_model(model, hp.max_seq_length, os.path.join(staged, export.SAVED_MODEL_PATH))
-    export.copy_tokenizer(checkpoint.path, os.path.join(staged, "tokenizer"), hp.max_seq_length)
+    export.copy_tokenizer(pretrained.path, os.path.join(staged, "tokenizer"), hp.max_seq_length)
     export.write_label_map(hp.classes, os.path.join(staged, "label_map.json"))
     export.write_json({
         "job_name": env.job_name,
         "image_version": env.image_version,
         "hyperparameters": hp.to_dict(),
-        "pretrained_model": {"path": checkpoint.path, "model_type": checkpoint.model_type},
+        "pretrained_model": {"path": pretrained.path, "model_type": pretrained.model_type},
         "precision": policy,
         "xla": jit_compile,
         "training_seconds": round(training_seconds, 1),

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
@@ -89,6 +90,11 @@ def main():
     print(f"training samples/s per epoch: {', '.join(f'{s:.0f}' for s in speeds)}; whole job {seconds:.0f} s")
     ratio = last("test_accuracy", log) / baseline_accuracy
     print(f"accuracy ratio fine-tuned / baseline: {ratio:.3f}")
+    saves = [float(v) for v in re.findall(r"^checkpoint step=\d+ checkpoint_seconds=(\S+)", log, re.M)]
+    if saves:  # with enable_checkpointing=true
+        share = re.findall(r"\bcheckpoint_share=(\S+)", log)[-1]
+        print(f"checkpoints: {len(saves)} saved, {np.median(saves):.2f} s each (median), "
+              f"{share} of training time")
 
 
 if __name__ == "__main__":

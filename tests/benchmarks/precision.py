@@ -22,7 +22,6 @@ SETTINGS = [("float32", False), ("mixed_bfloat16", False), ("mixed_float16", Fal
 def measure(pretrained, policy, jit_compile, steps, batch_size, length):
     import keras
     import numpy as np
-
     from review_trainer.model import build_classifier
     from review_trainer.pretrained import load_backbone, open_checkpoint
 

@@ -1,0 +1,303 @@
+"""The image: Dockerfile and scripts lint clean, IAM policies lint clean, build_and_push.sh does
+the right calls against a local ECR API, and the built CPU image trains with no network."""
+
+import base64
+import glob
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO
+
+BIN = os.path.dirname(sys.executable)
+
+
+def tool(name):
+    return os.path.join(BIN, name)
+
+
+def test_dockerfile_is_hadolint_clean_at_every_level():
+    result = subprocess.run([tool("hadolint"), "--failure-threshold", "style", "Dockerfile"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout == "", result.stdout
+
+
+def test_shell_scripts_are_shellcheck_clean():
+    result = subprocess.run([tool("shellcheck"), "build_and_push.sh", ".ci/run"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_iam_policies_lint_clean_with_parliament():
+    import parliament
+
+    for path in sorted(glob.glob(os.path.join(REPO, "docker", "iam", "*.json"))):
+        with open(path) as f:
+            text = f.read()
+        findings = parliament.analyze_policy_string(text).findings
+        if "trust-policy" in path:
+            # Parliament reads every policy as an identity policy; a trust policy has a Principal
+            # and must not have a Resource, which parliament reports as MALFORMED. Nothing else.
+            assert all("Principal" in s for s in json.loads(text)["Statement"])
+            findings = [f for f in findings if f.detail != "Statement contains neither Resource nor NotResource"]
+        assert [(f.issue, f.detail) for f in findings] == [], path
+
+
+def test_network_isolation_policy_denies_training_without_it():
+    with open(os.path.join(REPO, "docker", "iam", "deny-training-without-network-isolation.json")) as f:
+        statements = json.load(f)["Statement"]
+    assert all(s["Effect"] == "Deny" and "sagemaker:CreateTrainingJob" in s["Action"] for s in statements)
+    conditions = [s["Condition"] for s in statements]
+    assert {"Bool": {"sagemaker:NetworkIsolation": "false"}} in conditions
+    assert {"Null": {"sagemaker:NetworkIsolation": "true"}} in conditions  # the flag left out
+
+
+# build_and_push.sh against moto's ECR API on 127.0.0.1, with the real aws CLI and a fake docker.
+
+FAKE_DOCKER = """#!/usr/bin/env bash
+# Records each call (and what login reads on stdin), as the real docker would be called.
+{ printf '%s' "$*"; if [[ "$1" == login ]]; then printf ' stdin=%s' "$(cat)"; fi; echo; } >> "$FAKE_DOCKER_LOG"
+if [[ "$1" == push && -n "${FAKE_DOCKER_REFUSE_PUSH:-}" ]]; then echo "denied: not authorized" >&2; exit 1; fi
+exit 0
+"""
+
+
+@pytest.fixture(scope="module")
+def moto_ecr():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([tool("moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    yield f"http://127.0.0.1:{port}"
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def run_build_and_push(tmp_path, endpoint, *args, docker=True, credentials=True, **env_overrides):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir(exist_ok=True)
+    if docker:
+        (fake_bin / "docker").write_text(FAKE_DOCKER)
+        (fake_bin / "docker").chmod(0o755)
+    (fake_bin / "aws").symlink_to(tool("aws")) if not (fake_bin / "aws").exists() else None
+    env = {"PATH": f"{fake_bin}:/usr/bin:/bin", "HOME": str(tmp_path), "AWS_ENDPOINT_URL": endpoint,
+           "FAKE_DOCKER_LOG": str(tmp_path / "docker.log"), "AWS_DEFAULT_REGION": "eu-west-1",
+           "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}
+    if credentials:
+        env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+    env.update(env_overrides)
+    result = subprocess.run([os.path.join(REPO, "build_and_push.sh"), *args], env=env, capture_output=True,
+                            text=True, timeout=120)
+    calls = (tmp_path / "docker.log").read_text().splitlines() if (tmp_path / "docker.log").exists() else []
+    return result, calls
+
+
+def test_build_and_push_creates_the_repository_logs_in_builds_tags_and_pushes(tmp_path, moto_ecr):
+    result, calls = run_build_and_push(tmp_path, moto_ecr, "--name", "review-trainer-test", "--tag", "1.2.3",
+                                       "--target", "cpu", "--weights", "local:ci-tiny")
+    assert result.returncode == 0, result.stderr
+    registry = "123456789012.dkr.ecr.eu-west-1.amazonaws.com"  # region from AWS_DEFAULT_REGION
+    image = f"{registry}/review-trainer-test"
+    assert result.stdout.strip().splitlines()[-1] == f"{image}:1.2.3"
+    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True).stdout.strip() or "unknown"
+    assert [c.split()[0] for c in calls] == ["info", "login", "build", "push", "push"]
+    login = calls[1]
+    password = base64.b64decode(_ecr_client(moto_ecr).get_authorization_token()["authorizationData"][0]
+                                ["authorizationToken"]).decode().split(":", 1)[1]
+    assert login == f"login --username AWS --password-stdin {registry} stdin={password}"
+    build = calls[2].split()
+    assert build[:5] == ["build", "--target", "cpu", "--platform", "linux/amd64"]
+    assert "PRETRAINED_SOURCE=local" in build and "PRETRAINED_LOCAL_DIR=ci-tiny" in build
+    assert f"{image}:1.2.3" in build and f"{image}:{revision}" in build and "VERSION=1.2.3" in build
+    assert calls[3:] == [f"push {image}:1.2.3", f"push {image}:{revision}"]
+    repository = _ecr_client(moto_ecr).describe_repositories(repositoryNames=["review-trainer-test"])["repositories"][0]
+    assert repository["imageScanningConfiguration"] == {"scanOnPush": True}
+    # A second run finds the repository and does not create it again.
+    again, _ = run_build_and_push(tmp_path, moto_ecr, "--name", "review-trainer-test", "--tag", "1.2.4")
+    assert again.returncode == 0 and "creating ECR repository" not in again.stdout
+
+
+def test_region_option_wins_over_the_environment(tmp_path, moto_ecr):
+    result, calls = run_build_and_push(tmp_path, moto_ecr, "--region", "ap-south-1", AWS_REGION="us-west-2")
+    assert result.returncode == 0, result.stderr
+    assert ".dkr.ecr.ap-south-1.amazonaws.com/review-trainer:" in result.stdout
+    result, _ = run_build_and_push(tmp_path, moto_ecr, AWS_REGION="us-west-2")
+    assert ".dkr.ecr.us-west-2.amazonaws.com/review-trainer:" in result.stdout  # AWS_REGION before AWS_DEFAULT_REGION
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("push refused", "docker push of 123456789012.dkr.ecr.eu-west-1.amazonaws.com/review-trainer:0.1.0 was refused"),
+    ("no docker", "docker is not installed or not on PATH"),
+    ("no credentials", "no usable AWS credentials"),
+    ("bad target", "--target must be gpu or cpu, not 'tpu'"),
+])
+def test_build_and_push_fails_with_a_clear_message(tmp_path, moto_ecr, case, expected):
+    kwargs = {"push refused": {"FAKE_DOCKER_REFUSE_PUSH": "1"}, "no docker": {"docker": False},
+              "no credentials": {"credentials": False}, "bad target": {}}[case]
+    args = ["--target", "tpu"] if case == "bad target" else []
+    result, _ = run_build_and_push(tmp_path, moto_ecr, *args, **kwargs)
+    assert result.returncode != 0
+    assert expected in result.stderr, result.stderr
+
+
+def _ecr_client(endpoint):
+    import boto3
+
+    return boto3.client("ecr", region_name="eu-west-1", endpoint_url=endpoint, aws_access_key_id="testing",
+                        aws_secret_access_key="testing")
+
+
+# The built CPU image, as CI builds it here: buildah from a local debootstrap base (no registry is
+# reachable), a generated checkpoint as the baked weights, podman with --network none.
+
+BASE_IMAGE = "localhost/review-trainer-base:bookworm"
+IMAGE = "localhost/review-trainer:ci"
+CONTAINER_TOOLS = ("buildah", "podman", "debootstrap", "runc")
+STORAGE = ["--storage-driver", "overlay"]
+PODMAN_RUN = ["podman", *STORAGE, "--runtime", "runc", "--cgroup-manager", "cgroupfs", "run",
+              "--network", "none", "--hostname", "algo-1",
+              "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
+
+
+def _build_base_image(workdir):
+    if subprocess.run(["buildah", *STORAGE, "inspect", BASE_IMAGE], capture_output=True).returncode == 0:
+        return  # built earlier in this run (or on this machine)
+    mirror = next((line.split()[1] for path in glob.glob("/etc/apt/sources.list.d/*.sources")
+                   for line in open(path) if line.startswith("URIs:")), "http://deb.debian.org/debian")
+    rootfs = os.path.join(workdir, "rootfs")
+    subprocess.run(["debootstrap", "--variant=minbase", "bookworm", rootfs, mirror], check=True,
+                   capture_output=True)
+    subprocess.run(["tar", "-C", rootfs, "-cf", os.path.join(workdir, "rootfs.tar"), "."], check=True)
+    with open(os.path.join(workdir, "Dockerfile"), "w") as f:
+        f.write("FROM scratch\nADD rootfs.tar /\n")
+    subprocess.run(["buildah", *STORAGE, "bud", "--isolation", "chroot", "-t", BASE_IMAGE, workdir], check=True,
+                   capture_output=True)
+    shutil.rmtree(rootfs)
+
+
+@pytest.fixture(scope="module")
+def built_image(tmp_path_factory):
+    missing = [t for t in CONTAINER_TOOLS if not shutil.which(t)]
+    if missing:
+        if os.environ.get("REQUIRE_CONTAINER_TESTS"):
+            pytest.fail(f"container tests required but {', '.join(missing)} missing")
+        pytest.skip(f"needs {', '.join(missing)} (installed by .ci/run)")
+    from tiny_pretrained import make_distilbert
+
+    started = time.monotonic()
+    _build_base_image(str(tmp_path_factory.mktemp("base")))
+    weights = os.path.join(REPO, "docker", "weights", "ci-tiny")
+    shutil.rmtree(weights, ignore_errors=True)
+    make_distilbert(weights)
+    ca_bundle = "/etc/ssl/certs/ca-certificates.crt"
+    build = subprocess.run(
+        ["buildah", *STORAGE, "bud", "--isolation", "chroot", "--layers", "--target", "cpu",
+         "-v", f"{ca_bundle}:/host-ca.crt:ro", "--build-arg", "PIP_CERT=/host-ca.crt",
+         "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "--build-arg", "PRETRAINED_SOURCE=local",
+         "--build-arg", "PRETRAINED_LOCAL_DIR=ci-tiny", "--build-arg", "VERSION=0.1.0-ci",
+         "-t", IMAGE, REPO], capture_output=True, text=True)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    size = int(subprocess.run(["podman", *STORAGE, "image", "inspect", "--format", "{{.Size}}", IMAGE],
+                              capture_output=True, text=True, check=True).stdout)
+    print(f"\nimage {IMAGE}: {size / 1e9:.2f} GB, base and build {time.monotonic() - started:.0f} s")
+    return size
+
+
+def podman(*args, **kwargs):
+    return subprocess.run([*PODMAN_RUN, *args], capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def test_cpu_image_is_under_its_size_target(built_image):
+    assert built_image < 2.5e9
+
+
+def test_image_trains_on_the_fixture_with_no_network(built_image, tmp_path):
+    from conftest import FAST_HYPERPARAMETERS, amazon_tsv, gzipped, make_opt_ml, make_reviews
+
+    base = make_opt_ml(str(tmp_path / "opt_ml"), {
+        "train": {"train.tsv.gz": gzipped(amazon_tsv(make_reviews(64, 1)))},
+        "validation": {"validation.tsv": amazon_tsv(make_reviews(16, 2))},
+        "test": {"test.tsv": amazon_tsv(make_reviews(16, 3))},
+    }, FAST_HYPERPARAMETERS)
+    result = podman("--rm", "-v", f"{base}:/opt/ml", IMAGE, "train")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert os.path.exists(os.path.join(base, "output", "success"))
+    assert os.path.exists(os.path.join(base, "model", "tensorflow", "saved_model", "0", "saved_model.pb"))
+    with open(os.path.join(base, "output", "data", "evaluation.json")) as f:
+        assert "multiclass_classification_metrics" in json.load(f)
+    with open(os.path.join(base, "model", "manifest.json")) as f:
+        manifest = json.load(f)
+    assert manifest["image_version"] == "0.1.0-ci"
+    assert manifest["pretrained_model"] == {"path": "/opt/pretrained", "model_type": "distilbert"}
+
+
+def test_an_outside_connection_fails_inside_the_container(built_image):
+    probe = ("import socket\n"
+             "try:\n"
+             "    socket.create_connection(('1.1.1.1', 443), timeout=5)\n"
+             "    print('connected')\n"
+             "except OSError as error:\n"
+             "    print(f'refused: {error}')\n")
+    result = podman("--rm", IMAGE, "python3", "-c", probe)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("refused: ") and "unreachable" in result.stdout.lower(), result.stdout
+    env = podman("--rm", IMAGE, "env").stdout
+    assert "HF_HUB_OFFLINE=1" in env and "PRETRAINED_MODEL_DIR=/opt/pretrained" in env
+
+
+def test_a_malformed_fixture_fails_with_the_failure_file_and_exit_code(built_image, tmp_path):
+    from conftest import amazon_tsv, make_opt_ml, make_reviews, read_failure
+
+    base = make_opt_ml(str(tmp_path / "opt_ml"), {"train": {"t.tsv": amazon_tsv(make_reviews(8))}},
+                       {"epochs": "zero"})
+    result = podman("--rm", "-v", f"{base}:/opt/ml", IMAGE, "train")
+    assert result.returncode == 2
+    assert read_failure(base).startswith("HyperparameterError: invalid hyperparameters.json: epochs='zero'")
+    assert os.listdir(os.path.join(base, "model")) == []
+
+
+def test_podman_stop_checkpoints_and_a_rerun_resumes(built_image, tmp_path):
+    from conftest import amazon_tsv, make_opt_ml, make_reviews, read_failure
+    from test_spot_training import SPOT_HYPERPARAMETERS
+
+    base = make_opt_ml(str(tmp_path / "opt_ml"), {"train": {"t.tsv": amazon_tsv(make_reviews(400))}},
+                       {**SPOT_HYPERPARAMETERS, "run_validation": "false"})
+    with open(os.path.join(base, "input", "config", "checkpointconfig.json"), "w") as f:
+        json.dump({"LocalPath": "/opt/ml/checkpoints"}, f)
+    name = f"review-trainer-stop-{os.getpid()}"
+    started = podman("-d", "--name", name, "-v", f"{base}:/opt/ml", IMAGE, "train")
+    assert started.returncode == 0, started.stderr
+    podman_cli = ["podman", *STORAGE, "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
+    try:
+        deadline = time.monotonic() + 300
+        while "epoch=1 step=5 " not in subprocess.run([*podman_cli, "logs", name], capture_output=True,
+                                                       text=True).stdout:
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(1)
+        stop_started = time.monotonic()
+        subprocess.run([*podman_cli, "stop", "-t", "60", name], check=True, capture_output=True)
+        stop_seconds = time.monotonic() - stop_started
+        exit_code = subprocess.run([*podman_cli, "inspect", "--format", "{{.State.ExitCode}}", name],
+                                   capture_output=True, text=True).stdout.strip()
+    finally:
+        subprocess.run([*podman_cli, "rm", "-f", name], capture_output=True)
+    assert exit_code == "143" and stop_seconds < 30  # the trainer itself, as PID 1, handled SIGTERM
+    assert read_failure(base).startswith("Stopped: the job received SIGTERM at step ")
+    assert [n for n in os.listdir(os.path.join(base, "checkpoints")) if n.startswith("step-")]
+    rerun = podman("--rm", "-v", f"{base}:/opt/ml", IMAGE, "train")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resumed from /opt/ml/checkpoints/step-" in rerun.stdout
