@@ -25,21 +25,32 @@ ENV VIRTUAL_ENV=/opt/venv \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-# Python packages, from lock files with hashes. PIP_CERT: a CA bundle for builds behind an
-# intercepting proxy (mount it and pass its path); unset otherwise.
-FROM python AS packages-cpu
+# Python packages, from lock files with hashes. A few come as source only (sagemaker-training
+# compiles a C extension): the compiler stays in these build stages. TensorFlow's C++ headers
+# (290 MB) serve only to compile custom ops, which a training job never does. PIP_CERT: a CA bundle for
+# builds behind an intercepting proxy (mount it and pass its path); unset otherwise.
+FROM python AS compilers
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends \
+        gcc=4:12.2.0-3 \
+        python3.11-dev=3.11.2-6+deb12u8 \
+    && rm -rf /var/lib/apt/lists/*
+
+FROM compilers AS packages-cpu
 ARG PIP_CERT
 COPY docker/requirements.lock docker/requirements-nodeps.lock /tmp/locks/
 RUN python3.11 -m venv /opt/venv \
     && pip install --require-hashes -r /tmp/locks/requirements.lock \
-    && pip install --require-hashes --no-deps -r /tmp/locks/requirements-nodeps.lock
+    && pip install --require-hashes --no-deps -r /tmp/locks/requirements-nodeps.lock \
+    && rm -rf /opt/venv/lib/python3.11/site-packages/tensorflow/include
 
-FROM python AS packages-gpu
+FROM compilers AS packages-gpu
 ARG PIP_CERT
 COPY docker/requirements-gpu.lock docker/requirements-nodeps.lock /tmp/locks/
 RUN python3.11 -m venv /opt/venv \
     && pip install --require-hashes -r /tmp/locks/requirements-gpu.lock \
-    && pip install --require-hashes --no-deps -r /tmp/locks/requirements-nodeps.lock
+    && pip install --require-hashes --no-deps -r /tmp/locks/requirements-nodeps.lock \
+    && rm -rf /opt/venv/lib/python3.11/site-packages/tensorflow/include
 
 # Pretrained weights: from the Hugging Face hub (model id at a pinned revision, files checked
 # against docker/weights/<id>/<revision>.sha256) or from a folder under docker/weights/ in the

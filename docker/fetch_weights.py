@@ -52,14 +52,15 @@ def check_sums(folder, sums, sums_file):
 
 def download(model_id, revision, output, sums_dir):
     sums_file = os.path.join(sums_dir, model_id, f"{revision}.sha256")
-    cafile = os.environ.get("PIP_CERT") or None
-    context = ssl.create_default_context(cafile=cafile)
+    # HF_ENDPOINT: a hub mirror, as huggingface_hub reads it; PIP_CERT: the build's CA bundle.
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    context = ssl.create_default_context(cafile=os.environ.get("PIP_CERT") or None)
     os.makedirs(output, exist_ok=True)
     for name in HUB_FILES:
-        url = f"https://huggingface.co/{model_id}/resolve/{revision}/{name}"
+        url = f"{endpoint}/{model_id}/resolve/{revision}/{name}"
         print(f"downloading {url}")
-        with urllib.request.urlopen(url, context=context, timeout=60) as response, \
-                open(os.path.join(output, name), "wb") as f:
+        with urllib.request.urlopen(url, context=context if url.startswith("https:") else None,
+                                    timeout=60) as response, open(os.path.join(output, name), "wb") as f:
             shutil.copyfileobj(response, f)
     if not os.path.isfile(sums_file):
         computed = "\n".join(f"{sha256(os.path.join(output, n))}  {n}" for n in HUB_FILES)

@@ -7,9 +7,11 @@ def test_auto_picks_bfloat16_on_cpus_with_bf16_and_float32_elsewhere():
     assert choose_policy(AUTO, None, has_bf16=False) == "float32"
 
 
-def test_auto_on_gpus_follows_the_compute_capability():
-    assert choose_policy(AUTO, (9, 0), has_bf16=False) == "mixed_bfloat16"
-    assert choose_policy(AUTO, (7, 5), has_bf16=False) == "mixed_float16"
+def test_auto_on_gpus_takes_float16_where_there_are_tensor_cores():
+    assert choose_policy(AUTO, (9, 0), has_bf16=False) == "mixed_float16"
+    assert choose_policy(AUTO, (7, 0), has_bf16=False) == "mixed_float16"
+    assert choose_policy(AUTO, (6, 1), has_bf16=False) == "float32"
+    assert choose_policy(True, (6, 1), has_bf16=False) == "mixed_float16"
 
 
 def test_explicit_choices_win():

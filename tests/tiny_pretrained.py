@@ -25,9 +25,9 @@ VOCAB = SPECIAL_TOKENS + PUNCTUATION + WORDS + PIECES + list("abcdefghijklmnopqr
 HIDDEN, LAYERS, HEADS, INTERMEDIATE, POSITIONS = 32, 2, 2, 64, 128
 
 
-def _write_vocab(path, tokenizer_class):
+def _write_vocab(path, tokenizer_class, vocab=VOCAB):
     with open(os.path.join(path, "vocab.txt"), "w") as f:
-        f.write("\n".join(VOCAB) + "\n")
+        f.write("\n".join(vocab) + "\n")
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
         json.dump({"do_lower_case": True, "tokenizer_class": tokenizer_class, "model_max_length": POSITIONS}, f)
 
@@ -39,33 +39,36 @@ def _dense(rng, prefix, out_dim, in_dim):
     }
 
 
-def _norm(prefix):
-    return {f"{prefix}.weight": np.ones(HIDDEN, np.float32), f"{prefix}.bias": np.zeros(HIDDEN, np.float32)}
+def _norm(prefix, hidden=HIDDEN):
+    return {f"{prefix}.weight": np.ones(hidden, np.float32), f"{prefix}.bias": np.zeros(hidden, np.float32)}
 
 
-def make_distilbert(path, seed=0):
+def make_distilbert(path, seed=0, hidden=HIDDEN, layers=LAYERS, heads=HEADS, intermediate=INTERMEDIATE,
+                    vocab_size=None):
+    """A random DistilBERT; the defaults are tiny, (768, 6, 12, 3072, 30522) is DistilBERT-base's shape."""
     rng = np.random.default_rng(seed)
     os.makedirs(path, exist_ok=True)
+    vocab = VOCAB + [f"[unused{i}]" for i in range(max(0, (vocab_size or 0) - len(VOCAB)))]
     config = {
-        "model_type": "distilbert", "architectures": ["DistilBertModel"], "vocab_size": len(VOCAB),
-        "dim": HIDDEN, "n_layers": LAYERS, "n_heads": HEADS, "hidden_dim": INTERMEDIATE,
+        "model_type": "distilbert", "architectures": ["DistilBertModel"], "vocab_size": len(vocab),
+        "dim": hidden, "n_layers": layers, "n_heads": heads, "hidden_dim": intermediate,
         "dropout": 0.1, "attention_dropout": 0.1, "max_position_embeddings": POSITIONS,
         "activation": "gelu", "pad_token_id": 0,
     }
     weights = {
-        "distilbert.embeddings.word_embeddings.weight": rng.normal(0, 0.02, (len(VOCAB), HIDDEN)).astype(np.float32),
-        "distilbert.embeddings.position_embeddings.weight": rng.normal(0, 0.02, (POSITIONS, HIDDEN)).astype(np.float32),
-        **_norm("distilbert.embeddings.LayerNorm"),
+        "distilbert.embeddings.word_embeddings.weight": rng.normal(0, 0.02, (len(vocab), hidden)).astype(np.float32),
+        "distilbert.embeddings.position_embeddings.weight": rng.normal(0, 0.02, (POSITIONS, hidden)).astype(np.float32),
+        **_norm("distilbert.embeddings.LayerNorm", hidden),
     }
-    for i in range(LAYERS):
+    for i in range(layers):
         layer = f"distilbert.transformer.layer.{i}"
         for name in ("q_lin", "k_lin", "v_lin", "out_lin"):
-            weights.update(_dense(rng, f"{layer}.attention.{name}", HIDDEN, HIDDEN))
-        weights.update(_norm(f"{layer}.sa_layer_norm"))
-        weights.update(_dense(rng, f"{layer}.ffn.lin1", INTERMEDIATE, HIDDEN))
-        weights.update(_dense(rng, f"{layer}.ffn.lin2", HIDDEN, INTERMEDIATE))
-        weights.update(_norm(f"{layer}.output_layer_norm"))
-    _save(path, config, weights, "DistilBertTokenizer")
+            weights.update(_dense(rng, f"{layer}.attention.{name}", hidden, hidden))
+        weights.update(_norm(f"{layer}.sa_layer_norm", hidden))
+        weights.update(_dense(rng, f"{layer}.ffn.lin1", intermediate, hidden))
+        weights.update(_dense(rng, f"{layer}.ffn.lin2", hidden, intermediate))
+        weights.update(_norm(f"{layer}.output_layer_norm", hidden))
+    _save(path, config, weights, "DistilBertTokenizer", vocab)
     return path
 
 
@@ -99,8 +102,8 @@ def make_bert(path, seed=0):
     return path
 
 
-def _save(path, config, weights, tokenizer_class):
+def _save(path, config, weights, tokenizer_class, vocab=VOCAB):
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    _write_vocab(path, tokenizer_class)
+    _write_vocab(path, tokenizer_class, vocab)
