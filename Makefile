@@ -28,7 +28,7 @@ sample: $(VENV)/.installed
 	@echo "model: $(SAMPLE)/model  evaluation: $(SAMPLE)/output/data/evaluation.json"
 
 test: $(VENV)/.installed
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest --durations=8
 
 # Fine-tunes all-MiniLM-L6-v2 on ../shared/data/movie5 through the real `train` entry.
 benchmark: $(VENV)/.installed
