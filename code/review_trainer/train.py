@@ -95,11 +95,10 @@ def run(env, stop_signal):
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=jit_compile,
     )
-    store = None
-    fingerprint = checkpointing.fingerprint(hp, channels["train"], pretrained, policy)
-    global_step = 0
+    store, fingerprint, global_step = None, {}, 0
     if hp.enable_checkpointing or env.checkpoint_config_present:
         store = checkpointing.CheckpointStore(env.checkpoint_dir, hp.keep_checkpoints)
+        fingerprint = checkpointing.fingerprint(hp, channels["train"], pretrained, policy)
         if not hp.resume:
             print(f"resume=false: deleting the checkpoints in {env.checkpoint_dir}")
             store.remove_all()
