@@ -223,3 +223,16 @@ def test_auto_interval_keeps_saving_under_five_percent_of_step_time():
     assert 2.0 / (interval * 0.5) < 0.05 and interval == 100
     checkpointer.every_n_steps = 7
     assert checkpointer.interval() == 7
+
+
+def test_only_the_chief_host_writes_checkpoints(tmp_path):
+    from review_trainer.errors import JobStopped
+    from review_trainer.stopping import StopSignal
+
+    stop_signal = StopSignal()
+    stop_signal.received = "SIGTERM"
+    store = checkpointing.CheckpointStore(str(tmp_path), keep=2)
+    worker = checkpointing.Checkpointer(store, {}, 5, 24, 1, stop_signal, writes=False)
+    with pytest.raises(JobStopped, match="at step 6 of 24; the chief host writes the checkpoint") as stopped:
+        worker.on_train_batch_end(0)
+    assert stopped.value.exit_code == 143 and os.listdir(tmp_path) == []

@@ -187,13 +187,15 @@ class Checkpointer(keras.callbacks.Callback):
     """Saves every `every_n_steps` steps (or an interval chosen from timings: "auto") and at each
     epoch end; on SIGTERM/SIGINT saves after the current step and stops the job.
 
-    `store` is None when checkpointing is off: a signal then stops the job without saving.
+    `store` is None when checkpointing is off: a signal then stops the job without saving. Only
+    the chief host writes (`writes`); the others share its checkpoints.
     """
 
     def __init__(self, store, fingerprint_, global_step, total_steps, every_n_steps, stop_signal,
-                 print_fn=print):
+                 writes=True, print_fn=print):
         super().__init__()
-        self.store = store
+        self.store = store if writes else None
+        self.checkpointing_on = store is not None
         self.fingerprint = fingerprint_
         self.global_step = global_step
         self.total_steps = total_steps
@@ -255,10 +257,12 @@ class Checkpointer(keras.callbacks.Callback):
         if self.store is not None and self.last_saved_step != self.global_step:
             self._save()
         where = f"at step {self.global_step} of {self.total_steps}"
-        if self.store is None:
+        if not self.checkpointing_on:
             raise self.stop_signal.stopped(
                 f"{where}; checkpointing is off, so the progress is lost: set enable_checkpointing=true "
                 "(or a CheckpointConfig) to make a stopped job resumable")
+        if self.store is None:
+            raise self.stop_signal.stopped(f"{where}; the chief host writes the checkpoint")
         raise self.stop_signal.stopped(
             f"{where}; a checkpoint of step {self.last_saved_step} is in {self.store.directory}: run the "
             "job again with the same checkpoint location (a spot job does this itself) to resume from it")

@@ -115,8 +115,8 @@ def run(env, stop_signal):
             checkpointing.restore(model, saved)
             global_step = saved.global_step
             print(f"resumed from {saved.path}: global step {global_step} of {total_steps}")
-    checkpointer = checkpointing.Checkpointer(store if env.is_chief else None, fingerprint, global_step,
-                                              total_steps, hp.checkpoint_every_n_steps, stop_signal)
+    checkpointer = checkpointing.Checkpointer(store, fingerprint, global_step, total_steps,
+                                              hp.checkpoint_every_n_steps, stop_signal, writes=env.is_chief)
     callbacks = [MetricLogger(hp.log_every_n_steps, hp.train_batch_size, global_step), checkpointer]
     if hp.enable_tensorboard and env.is_chief:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=env.tensorboard_dir, update_freq="epoch"))
