@@ -9,7 +9,6 @@ import sys
 import threading
 
 import pytest
-
 from conftest import REPO
 from tiny_pretrained import make_distilbert
 
