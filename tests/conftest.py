@@ -83,13 +83,18 @@ def make_opt_ml(base, channels, hyperparameters=None):
     return base
 
 
-def run_train(base, pretrained_dir=None, timeout=600, extra_env=None):
-    env = dict(os.environ, SAGEMAKER_BASE_DIR=str(base), TF_CPP_MIN_LOG_LEVEL="2")
+def train_env(base, pretrained_dir=None, **extra):
+    """The environment `train` runs in: the /opt/ml tree and the baked weights' folder."""
+    env = dict(os.environ, SAGEMAKER_BASE_DIR=str(base), TF_CPP_MIN_LOG_LEVEL="2", **extra)
     env.pop("PRETRAINED_MODEL_DIR", None)
     if pretrained_dir:
         env["PRETRAINED_MODEL_DIR"] = str(pretrained_dir)
-    env.update(extra_env or {})
-    return subprocess.run([TRAIN], env=env, capture_output=True, text=True, timeout=timeout)
+    return env
+
+
+def run_train(base, pretrained_dir=None, timeout=600):
+    return subprocess.run([TRAIN], env=train_env(base, pretrained_dir), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def read_failure(base):

@@ -168,7 +168,8 @@ BASE_IMAGE = "localhost/review-trainer-base:bookworm"
 IMAGE = "localhost/review-trainer:ci"
 CONTAINER_TOOLS = ("buildah", "podman", "debootstrap", "runc")
 STORAGE = ["--storage-driver", "overlay"]
-PODMAN_RUN = ["podman", *STORAGE, "--runtime", "runc", "--cgroup-manager", "cgroupfs", "run",
+PODMAN = ["podman", *STORAGE, "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
+PODMAN_RUN = [*PODMAN, "run",
               "--network", "none", "--hostname", "algo-1",
               "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
 
@@ -281,20 +282,19 @@ def test_podman_stop_checkpoints_and_a_rerun_resumes(built_image, tmp_path):
     name = f"review-trainer-stop-{os.getpid()}"
     started = podman("-d", "--name", name, "-v", f"{base}:/opt/ml", IMAGE, "train")
     assert started.returncode == 0, started.stderr
-    podman_cli = ["podman", *STORAGE, "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
     try:
         deadline = time.monotonic() + 300
-        while "epoch=1 step=5 " not in subprocess.run([*podman_cli, "logs", name], capture_output=True,
+        while "epoch=1 step=5 " not in subprocess.run([*PODMAN, "logs", name], capture_output=True,
                                                        text=True).stdout:
             assert time.monotonic() < deadline, "training did not start"
             time.sleep(1)
         stop_started = time.monotonic()
-        subprocess.run([*podman_cli, "stop", "-t", "60", name], check=True, capture_output=True)
+        subprocess.run([*PODMAN, "stop", "-t", "60", name], check=True, capture_output=True)
         stop_seconds = time.monotonic() - stop_started
-        exit_code = subprocess.run([*podman_cli, "inspect", "--format", "{{.State.ExitCode}}", name],
+        exit_code = subprocess.run([*PODMAN, "inspect", "--format", "{{.State.ExitCode}}", name],
                                    capture_output=True, text=True).stdout.strip()
     finally:
-        subprocess.run([*podman_cli, "rm", "-f", name], capture_output=True)
+        subprocess.run([*PODMAN, "rm", "-f", name], capture_output=True)
     assert exit_code == "143" and stop_seconds < 30  # the trainer itself, as PID 1, handled SIGTERM
     assert read_failure(base).startswith("Stopped: the job received SIGTERM at step ")
     assert [n for n in os.listdir(os.path.join(base, "checkpoints")) if n.startswith("step-")]

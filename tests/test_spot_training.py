@@ -12,7 +12,16 @@ import time
 import keras
 import numpy as np
 import pytest
-from conftest import FAST_HYPERPARAMETERS, TRAIN, amazon_tsv, make_opt_ml, make_reviews, read_failure, run_train
+from conftest import (
+    FAST_HYPERPARAMETERS,
+    TRAIN,
+    amazon_tsv,
+    make_opt_ml,
+    make_reviews,
+    read_failure,
+    run_train,
+    train_env,
+)
 from review_trainer import checkpointing
 
 SPOT_HYPERPARAMETERS = {
@@ -41,9 +50,7 @@ def final_state(base):
 
 def run_until_step_then_signal(base, pretrained, step, signum=signal.SIGTERM):
     """Starts `train`, sends the signal once the log shows `step`, returns (exit code, log, seconds to exit)."""
-    env = dict(os.environ, SAGEMAKER_BASE_DIR=base, PRETRAINED_MODEL_DIR=pretrained, PYTHONUNBUFFERED="1",
-               TF_CPP_MIN_LOG_LEVEL="2")
-    process = subprocess.Popen([TRAIN], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen([TRAIN], env=train_env(base, pretrained, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     lines = []
     signalled_at = None
     for line in process.stdout:

@@ -10,7 +10,17 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import FAST_HYPERPARAMETERS, amazon_tsv, gzipped, make_opt_ml, make_reviews, read_failure, run_train
+from conftest import (
+    FAST_HYPERPARAMETERS,
+    TRAIN,
+    amazon_tsv,
+    gzipped,
+    make_opt_ml,
+    make_reviews,
+    read_failure,
+    run_train,
+    train_env,
+)
 from review_trainer.metric_log import METRIC_DEFINITIONS
 from review_trainer.precision import cpu_has_bf16
 
@@ -237,11 +247,10 @@ def test_a_full_disk_fails_cleanly_without_a_half_written_model(tmp_path, distil
                        {**FAST_HYPERPARAMETERS, "run_sample_predictions": "false"})
     model_dir = os.path.join(base, "model")
     os.makedirs(model_dir)
-    train = os.path.join(os.path.dirname(sys.executable), "train")
-    env = dict(os.environ, SAGEMAKER_BASE_DIR=base, PRETRAINED_MODEL_DIR=distilbert_dir, TF_CPP_MIN_LOG_LEVEL="2")
     # A private mount namespace: a 32 KiB file system over the model folder only.
-    command = f"mount -t tmpfs -o size=32k tmpfs {model_dir} && exec {train}"
-    result = subprocess.run(["unshare", "-m", "sh", "-c", command], env=env, capture_output=True, text=True)
+    command = f"mount -t tmpfs -o size=32k tmpfs {model_dir} && exec {TRAIN}"
+    result = subprocess.run(["unshare", "-m", "sh", "-c", command], env=train_env(base, distilbert_dir),
+                            capture_output=True, text=True)
     if "mount" in result.stderr and result.returncode == 1 and not os.path.exists(os.path.join(base, "output", "failure")):
         pytest.skip(f"cannot mount here: {result.stderr[-300:]}")
     assert result.returncode == 5, result.stderr[-2000:]

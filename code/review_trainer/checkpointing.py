@@ -208,6 +208,7 @@ class Checkpointer(keras.callbacks.Callback):
         self.last_save_seconds = None
         self._step_seconds = []
         self._last_step_end = None
+        self._state_bytes = None  # measured once: the first interval estimate needs it every step
 
     def on_train_batch_end(self, batch, logs=None):
         self.global_step += 1
@@ -240,8 +241,9 @@ class Checkpointer(keras.callbacks.Callback):
         step_seconds = float(np.median(self._step_seconds[-50:]))
         save_seconds = self.last_save_seconds
         if save_seconds is None:
-            state_bytes = sum(np.prod(v.shape) * 4 for v in training_variables(self.model))
-            save_seconds = state_bytes / ASSUMED_WRITE_BYTES_PER_SECOND
+            if self._state_bytes is None:
+                self._state_bytes = sum(np.prod(v.shape) * 4 for v in training_variables(self.model))
+            save_seconds = self._state_bytes / ASSUMED_WRITE_BYTES_PER_SECOND
         return max(1, math.ceil(save_seconds / (TARGET_SHARE * step_seconds)))
 
     def _save(self):

@@ -29,7 +29,6 @@ from review_trainer.errors import DataError, HyperparameterError
 BASE_DIR_VARIABLE = "SAGEMAKER_BASE_DIR"
 DEFAULT_BASE_DIR = "/opt/ml"
 TRAIN_CHANNEL = "train"
-OPTIONAL_CHANNELS = ("validation", "test")
 
 
 @dataclasses.dataclass(frozen=True)

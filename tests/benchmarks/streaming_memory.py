@@ -40,7 +40,6 @@ def write_channel(folder, rows):
 
 def measure(channel_dir, pretrained):
     import tensorflow as tf  # noqa: F401 - imported before the reference reading
-
     from review_trainer import data
     from review_trainer.pretrained import ReviewTokenizer, open_checkpoint
 
