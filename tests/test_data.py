@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 from conftest import amazon_tsv, gzipped, make_reviews
 from review_trainer import data
+from review_trainer.data import sharding
 from review_trainer.errors import DataError
 from review_trainer.pretrained import ReviewTokenizer, open_checkpoint
 
@@ -189,7 +190,7 @@ def test_dataset_streams_all_good_rows_of_mixed_formats_tokenized(tmp_path, revi
     assert batches[0][0]["token_ids"].dtype == np.int32
 
 
-def test_training_stream_is_seeded_reshuffled_per_pass_and_resumable_at_any_batch(tmp_path, distilbert_dir):
+def test_training_stream_is_seeded_reshuffled_per_pass_and_resumable_at_any_step(tmp_path, distilbert_dir):
     tokenizer = ReviewTokenizer(open_checkpoint(distilbert_dir), SPEC.max_seq_length)
     channel_dir = tmp_path / "train"
     channel_dir.mkdir()
@@ -197,10 +198,10 @@ def test_training_stream_is_seeded_reshuffled_per_pass_and_resumable_at_any_batc
         write(channel_dir / f"part-{i}.tsv", amazon_tsv(make_reviews(30, seed=i)))
     write(channel_dir / "part-3.tfrecord", tfrecord_bytes(tmp_path, [([2] + [i] * 15, [1] * 16, 1) for i in range(10)]))
     channel = data.scan_channel("train", str(channel_dir), SPEC, 0.01)
-    assert data.batches_per_pass(channel, 8) == 13  # 100 rows
+    assert sharding.whole(channel).steps_per_pass(8) == 13  # 100 rows
 
     def batches(seed, start=0, count=30):
-        stream = data.make_training_stream(channel, SPEC, tokenizer, 8, seed, start_batch=start)
+        stream = data.make_training_stream(channel, SPEC, tokenizer, 8, seed, start_step=start)
         return [(x["token_ids"].numpy(), y.numpy()) for x, y in stream.take(count)]
 
     first, again, other_seed = batches(1), batches(1), batches(2)

@@ -38,14 +38,17 @@ ASSUMED_WRITE_BYTES_PER_SECOND = 100e6  # before the first save has been timed
 # checkpointing itself, epochs: a job may be resumed to train longer) may differ on resume.
 TRAJECTORY_HYPERPARAMETERS = (
     "learning_rate", "epsilon", "train_batch_size", "train_steps_per_epoch", "seed", "head",
-    "max_seq_length", "freeze_bert_layer", "text_column", "label_column", "classes",
+    "max_seq_length", "freeze_bert_layer", "text_column", "label_column", "classes", "scale_learning_rate",
 )
 
 
-def fingerprint(hp, train_channel, pretrained_checkpoint, precision):
+def fingerprint(hp, train_channel, pretrained_checkpoint, precision, topology):
     """What must be equal for a checkpoint to be resumed, as {component: value}."""
     components = {f"hyperparameter {name}": str(getattr(hp, name)) for name in TRAJECTORY_HYPERPARAMETERS}
     components["precision"] = precision
+    # The data each step reads and the global batch follow from these (train_batch_size is per replica).
+    components["workers"] = str(topology.num_workers)
+    components["replicas"] = str(topology.replicas)
     components["pretrained weights sha256"] = sha256_file(os.path.join(pretrained_checkpoint.path, "model.safetensors"))
     for f in train_channel.files:
         components[f"train file {os.path.basename(f.path)} sha256"] = f.sha256
@@ -183,26 +186,69 @@ def restore(model, saved):
             variable.assign(arrays[f"arr_{index}"])
 
 
-class Checkpointer(keras.callbacks.Callback):
-    """Saves every `every_n_steps` steps (or an interval chosen from timings: "auto") and at each
-    epoch end; on SIGTERM/SIGINT saves after the current step and stops the job.
+def open_store(directory, keep, resume, print_fn=print):
+    """The chief's checkpoint folder, without what a killed job left half-written."""
+    store = CheckpointStore(directory, keep, print_fn)
+    if not resume:
+        print_fn(f"resume=false: deleting the checkpoints in {directory}")
+        store.remove_all()
+    store.remove_temporary()
+    return store
 
-    `store` is None when checkpointing is off: a signal then stops the job without saving. Only
-    the chief host writes (`writes`); the others share its checkpoints.
+
+def resume(store, model, fingerprint_, topology, total_steps, print_fn=print):
+    """The global step to start from: the newest checkpoint written by this same job, restored.
+
+    Only the chief reads checkpoints (`store` is None on the other hosts). With several workers it
+    sends its decision and the restored state to them, so its checkpoint folder is the only one
+    that needs them (SageMaker restores the S3 checkpoints on every host; none but the chief's
+    copy is read).
+    """
+    saved, error = None, None
+    if store is not None:
+        saved = store.latest()
+        mismatch = saved and differences(saved.fingerprint, fingerprint_)
+        if mismatch:
+            error = CheckpointError(
+                f"the checkpoint {saved.path} was written by a different job: {'; '.join(mismatch)}. Run with "
+                "the original settings and data to resume, or set resume=false to delete the checkpoints and "
+                "start fresh"
+            )
+        elif saved is not None:
+            restore(model, saved)
+    decision = np.array([2 if error else 1 if saved else 0, saved.global_step if saved and not error else 0])
+    if topology.num_workers > 1:
+        decision = topology.broadcast_from_chief([decision])[0]
+        if decision[0] == 1:
+            variables = training_variables(model)
+            values = topology.broadcast_from_chief([keras.ops.convert_to_numpy(v.value) for v in variables])
+            for variable, value in zip(variables, values):
+                variable.assign(value)
+    if decision[0] == 2:
+        raise error or CheckpointError(
+            f"the chief host {topology.hosts[0]} could not resume from its checkpoint; its failure file says why")
+    if decision[0] == 1:
+        where = saved.path if saved else f"the chief's checkpoint (sent by {topology.hosts[0]})"
+        print_fn(f"resumed from {where}: global step {decision[1]} of {total_steps}")
+    return int(decision[1])
+
+
+class Checkpointer:
+    """A training-loop hook: saves every `every_n_steps` steps (or at an interval chosen from
+    timings: "auto"), at each epoch end, and when the job stops.
+
+    `store` is None when checkpointing is off, and on every host but the chief: only the chief
+    writes; the other hosts resume from the chief's checkpoint (see resume).
     """
 
-    def __init__(self, store, fingerprint_, global_step, total_steps, every_n_steps, stop_signal,
-                 writes=True, print_fn=print):
-        super().__init__()
-        self.store = store if writes else None
-        self.checkpointing_on = store is not None
+    def __init__(self, store, fingerprint_, model, start_step, every_n_steps, checkpointing_on=True, print_fn=print):
+        self.store = store
+        self.checkpointing_on = checkpointing_on
         self.fingerprint = fingerprint_
-        self.global_step = global_step
-        self.total_steps = total_steps
+        self.model = model
         self.every_n_steps = every_n_steps
-        self.stop_signal = stop_signal
         self.print_fn = print_fn
-        self.last_saved_step = global_step
+        self.last_saved_step = start_step
         self.saves = 0
         self.save_seconds = 0.0
         self.last_save_seconds = None
@@ -210,27 +256,32 @@ class Checkpointer(keras.callbacks.Callback):
         self._last_step_end = None
         self._state_bytes = None  # measured once: the first interval estimate needs it every step
 
-    def on_train_batch_end(self, batch, logs=None):
-        self.global_step += 1
+    def on_epoch_begin(self, epoch):
+        self._last_step_end = None  # validation time is not step time
+
+    def on_step_end(self, step, running=None):
         now = time.perf_counter()
         if self._last_step_end is not None:
             self._step_seconds.append(now - self._last_step_end)
         self._last_step_end = now
-        if self.stop_signal.received:
-            self._stop()
-        if self.store is not None and self.global_step - self.last_saved_step >= self.interval():
-            self._save()
+        if self.store is not None and step - self.last_saved_step >= self.interval():
+            self._save(step)
 
-    def on_test_batch_end(self, batch, logs=None):
-        if self.stop_signal.received:  # during validation: the epoch's steps are done
-            self._stop()
+    def on_epoch_end(self, epoch, step, logs=None):
+        if self.store is not None and self.last_saved_step != step:
+            self._save(step)
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._last_step_end = None  # validation time is not step time
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.store is not None and self.last_saved_step != self.global_step:
-            self._save()
+    def on_stop(self, step):
+        """Saves the step the job stops at; returns what became of the progress."""
+        if self.store is not None and self.last_saved_step != step:
+            self._save(step)
+        if not self.checkpointing_on:
+            return ("checkpointing is off, so the progress is lost: set enable_checkpointing=true "
+                    "(or a CheckpointConfig) to make a stopped job resumable")
+        if self.store is None:
+            return "this host is not the chief; the chief host writes the checkpoint"
+        return (f"a checkpoint of step {self.last_saved_step} is in {self.store.directory}: run the job again "
+                "with the same checkpoint location (a spot job does this itself) to resume from it")
 
     def interval(self):
         """Steps between checkpoints: fixed, or so that saving stays under TARGET_SHARE of time."""
@@ -246,28 +297,13 @@ class Checkpointer(keras.callbacks.Callback):
             save_seconds = self._state_bytes / ASSUMED_WRITE_BYTES_PER_SECOND
         return max(1, math.ceil(save_seconds / (TARGET_SHARE * step_seconds)))
 
-    def _save(self):
-        seconds = self.store.save(training_variables(self.model), self.global_step, self.fingerprint)
+    def _save(self, step):
+        seconds = self.store.save(training_variables(self.model), step, self.fingerprint)
         self.saves += 1
         self.save_seconds += seconds
         self.last_save_seconds = seconds
-        self.last_saved_step = self.global_step
-        self.print_fn(f"checkpoint step={self.global_step} checkpoint_seconds={seconds:.3f} "
-                      f"next_in_steps={self.interval()}")
-
-    def _stop(self):
-        if self.store is not None and self.last_saved_step != self.global_step:
-            self._save()
-        where = f"at step {self.global_step} of {self.total_steps}"
-        if not self.checkpointing_on:
-            raise self.stop_signal.stopped(
-                f"{where}; checkpointing is off, so the progress is lost: set enable_checkpointing=true "
-                "(or a CheckpointConfig) to make a stopped job resumable")
-        if self.store is None:
-            raise self.stop_signal.stopped(f"{where}; the chief host writes the checkpoint")
-        raise self.stop_signal.stopped(
-            f"{where}; a checkpoint of step {self.last_saved_step} is in {self.store.directory}: run the "
-            "job again with the same checkpoint location (a spot job does this itself) to resume from it")
+        self.last_saved_step = step
+        self.print_fn(f"checkpoint step={step} checkpoint_seconds={seconds:.3f} next_in_steps={self.interval()}")
 
 
 def _fsync_dir(path):

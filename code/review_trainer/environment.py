@@ -24,7 +24,7 @@ import json
 import os
 import socket
 
-from review_trainer.errors import DataError, HyperparameterError
+from review_trainer.errors import ClusterError, DataError, HyperparameterError
 
 BASE_DIR_VARIABLE = "SAGEMAKER_BASE_DIR"
 DEFAULT_BASE_DIR = "/opt/ml"
@@ -36,6 +36,7 @@ class TrainingEnvironment:
     base_dir: str
     hyperparameters: dict  # raw values, as written in hyperparameters.json
     channel_dirs: dict  # channel name -> folder, for channels whose folder exists
+    channel_distribution: dict  # channel name -> S3DistributionType: FullyReplicated or ShardedByS3Key
     hosts: list
     current_host: str
     num_gpus: int
@@ -57,7 +58,7 @@ class TrainingEnvironment:
 
     @property
     def is_chief(self):
-        """Only the first host writes the model, checkpoints and reports."""
+        """Only the first host (in sorted order) writes the model, checkpoints and reports."""
         return self.current_host == sorted(self.hosts)[0]
 
 
@@ -111,15 +112,14 @@ def read_environment():
             f"{config_dir}/hyperparameters.json must hold a JSON object of name: value pairs"
         )
     hostname = socket.gethostname()
-    resource_config = _read_json(
-        os.path.join(config_dir, "resourceconfig.json"),
-        {"current_host": hostname, "hosts": [hostname]},
-        DataError,
-    )
-    channel_names = _read_json(os.path.join(config_dir, "inputdataconfig.json"), None, DataError)
+    resource_config_file = os.path.join(config_dir, "resourceconfig.json")
+    resource_config = _read_json(resource_config_file, {"current_host": hostname, "hosts": [hostname]}, ClusterError)
+    _check_hosts(resource_config, resource_config_file)
+    input_data_config = _read_json(os.path.join(config_dir, "inputdataconfig.json"), None, DataError)
     data_dir = os.path.join(root, "input", "data")
-    if channel_names is None:  # a local run without inputdataconfig.json: the folders are the channels
-        channel_names = sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []
+    if input_data_config is None:  # a local run without inputdataconfig.json: the folders are the channels
+        input_data_config = {name: {} for name in (sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else [])}
+    channel_names = list(input_data_config)
     channel_dirs = {
         name: os.path.join(data_dir, name)
         for name in channel_names
@@ -148,6 +148,9 @@ def read_environment():
         base_dir=root,
         hyperparameters=hyperparameters,
         channel_dirs=channel_dirs,
+        channel_distribution={
+            name: (input_data_config[name] or {}).get("S3DistributionType", "FullyReplicated") for name in channel_dirs
+        },
         hosts=list(sm.hosts),
         current_host=sm.current_host,
         num_gpus=sm.num_gpus,
@@ -159,6 +162,22 @@ def read_environment():
         image_version=os.environ.get("IMAGE_VERSION"),
         default_pretrained_model_dir=os.environ.get("PRETRAINED_MODEL_DIR"),
     )
+
+
+def _check_hosts(resource_config, path):
+    """A host list that cannot be right fails here, not as a job that trains and exports nothing."""
+    hosts = resource_config.get("hosts") if isinstance(resource_config, dict) else None
+    current = resource_config.get("current_host") if isinstance(resource_config, dict) else None
+    if not isinstance(hosts, list) or not hosts or not all(isinstance(h, str) and h for h in hosts):
+        raise ClusterError(f"{path}: hosts must be a non-empty list of host names, got {hosts!r}")
+    repeated = sorted({h for h in hosts if hosts.count(h) > 1})
+    if repeated:
+        raise ClusterError(f"{path}: hosts lists {', '.join(repeated)} more than once: {hosts}")
+    if current not in hosts:
+        raise ClusterError(
+            f"{path}: current_host {current!r} is not one of the hosts {hosts}; this host would train "
+            "without a place in the job"
+        )
 
 
 def _read_json(path, default, error_class):

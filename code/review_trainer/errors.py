@@ -50,6 +50,14 @@ class CheckpointError(JobError):
     exit_code = 6
 
 
+class ClusterError(JobError):
+    """The hosts of a job cannot train together: a wrong host list, a host that never came up, a
+    host lost during training, a collective operation that timed out."""
+
+    kind = "ClusterError"
+    exit_code = 7
+
+
 class JobStopped(JobError):
     """SIGTERM (spot interruption, StopTrainingJob, `docker stop`) or SIGINT arrived."""
 

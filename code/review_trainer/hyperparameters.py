@@ -14,6 +14,7 @@ from review_trainer.errors import HyperparameterError
 
 AUTO = "auto"
 HEADS = ("cls", "bilstm")
+DISTRIBUTIONS = (AUTO, "none", "mirrored", "multi_worker")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,11 @@ class Hyperparameters:
     checkpoint_every_n_steps: int | str = AUTO  # auto: the interval keeps saving under 5% of training time
     keep_checkpoints: int = 2
     resume: bool = True  # false: delete the checkpoints found and start fresh
+    # Several devices and hosts (topology.py)
+    distribution: str = AUTO  # auto: several hosts -> multi_worker; one host, several GPUs -> mirrored
+    scale_learning_rate: bool = False  # multiply learning_rate by the number of replicas
+    host_wait_seconds: int = 300  # how long the hosts wait for each other at start
+    collective_timeout_seconds: int = 120  # a lost host or a stuck collective fails the job after this
 
     @classmethod
     def from_dict(cls, raw):
@@ -83,7 +89,8 @@ class Hyperparameters:
     def _range_problems(self):
         problems = []
         for name in ("epochs", "train_batch_size", "validation_batch_size", "test_batch_size",
-                     "log_every_n_steps", "keep_checkpoints"):
+                     "log_every_n_steps", "keep_checkpoints", "host_wait_seconds",
+                     "collective_timeout_seconds"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("train_steps_per_epoch", "validation_steps", "test_steps"):
@@ -100,6 +107,8 @@ class Hyperparameters:
             problems.append(f"max_seq_length must be between 8 and 512, got {self.max_seq_length}")
         if not 0 <= self.max_bad_row_fraction <= 1:
             problems.append(f"max_bad_row_fraction must be between 0 and 1, got {self.max_bad_row_fraction}")
+        if self.distribution not in DISTRIBUTIONS:
+            problems.append(f"distribution must be one of {', '.join(DISTRIBUTIONS)}, got {self.distribution!r}")
         if self.head not in HEADS:
             problems.append(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):

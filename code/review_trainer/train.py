@@ -1,10 +1,11 @@
 """The `train` entry point: SageMaker contract in, evaluated SavedModel out.
 
 Read top to bottom, this is the job:
-  1. read the contract and the hyperparameters
+  1. read the contract and the hyperparameters; set up the topology (tf.distribute strategy)
   2. open the pretrained checkpoint and its tokenizer
-  3. scan the channels (formats, bad rows, hashes) and build streaming datasets
-  4. build the classifier, resume from the newest checkpoint, and fit it (SIGTERM: checkpoint, stop)
+  3. scan the channels (formats, bad rows, hashes) and build this worker's streaming datasets
+  4. build the classifier in the strategy's scope, resume from the newest checkpoint, and train it
+     in training_loop.py (SIGTERM: every host stops after the same step, the chief checkpoints)
   5. evaluate on the test channel, print sample predictions
   6. export the SavedModel, tokenizer, label map, metrics and manifest; publish them; success
 
@@ -13,34 +14,37 @@ errors.py. Training runs in this process, which handles SIGTERM itself (stopping
 """
 
 import errno
+import math
 import os
 import sys
-import time
 import traceback
 
 import keras
 from review_trainer import checkpointing, data, environment, evaluate, export, precision
+from review_trainer.data import sharding
 from review_trainer.errors import (
     EXIT_INTERNAL_ERROR,
     EXIT_SUCCESS,
-    CheckpointError,
     DataError,
     HyperparameterError,
     JobError,
     ResourceError,
 )
 from review_trainer.hyperparameters import Hyperparameters
-from review_trainer.metric_log import MetricLogger, format_metrics
+from review_trainer.metric_log import MetricLogger, TensorBoardLog, format_metrics
 from review_trainer.model import build_classifier
 from review_trainer.pretrained import ReviewTokenizer, load_backbone, open_checkpoint
 from review_trainer.stopping import StopSignal
+from review_trainer.topology import Topology
+from review_trainer.training_loop import TrainingLoop
 
 SAMPLE_REVIEWS = ("This is great!", "This is OK.", "This is terrible.")
 
 
 def run(env, stop_signal):
-    # 1. contract and hyperparameters
+    # 1. contract, hyperparameters, and the topology (its strategy comes before any other TensorFlow op)
     hp = Hyperparameters.from_dict(env.hyperparameters)
+    topology = Topology.set_up(env, hp)
     if environment.TRAIN_CHANNEL not in env.channel_dirs:
         raise DataError(
             f"the required channel 'train' is missing: expected files under "
@@ -51,9 +55,15 @@ def run(env, stop_signal):
     jit_compile = precision.choose_jit_compile(hp.use_xla, capability)
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(hp.seed)
+    learning_rate = hp.learning_rate * (topology.replicas if hp.scale_learning_rate else 1)
     print(f"hosts={','.join(env.hosts)} current_host={env.current_host} gpus={env.num_gpus} "
           f"cpus={env.num_cpus} precision={policy} xla={jit_compile}")
+    print(topology.describe(hp.train_batch_size) + f" learning_rate={learning_rate:g}"
+          + (f" (scale_learning_rate: {hp.learning_rate:g} x {topology.replicas} replicas)" if hp.scale_learning_rate else ""))
     print("hyperparameters " + " ".join(f"{k}={v}" for k, v in hp.to_dict().items()))
+    if topology.idle:
+        print(f"host {topology.current_host} stops here: {topology.reason}")
+        return
 
     # 2. pretrained checkpoint
     pretrained = open_checkpoint(hp.pretrained_model_dir or env.default_pretrained_model_dir)
@@ -64,7 +74,7 @@ def run(env, stop_signal):
         )
     tokenizer = ReviewTokenizer(pretrained, hp.max_seq_length)
 
-    # 3. data
+    # 3. data: scanned here, read through this worker's shard (data/sharding.py)
     spec = data.RowSpec(hp.text_column, hp.label_column, hp.classes, hp.max_seq_length)
     wanted = {"train": True, "validation": hp.run_validation, "test": hp.run_test}
     channels = {}
@@ -78,71 +88,52 @@ def run(env, stop_signal):
         channels[name] = data.scan_channel(name, env.channel_dirs[name], spec, hp.max_bad_row_fraction)
         for line in data.describe(channels[name]):
             print(line)
-    steps_per_epoch = hp.train_steps_per_epoch or data.batches_per_pass(channels["train"], hp.train_batch_size)
+    train_shard = sharding.for_training(channels["train"], topology, env.channel_distribution["train"])
+    print(f"channel=train {train_shard.describe()}")
+    global_batch = hp.train_batch_size * topology.replicas
+    steps_per_epoch = hp.train_steps_per_epoch or math.ceil(train_shard.job_rows / global_batch)
     total_steps = hp.epochs * steps_per_epoch
-    validation_data = None
+    validation = None
     if "validation" in channels:
-        validation_data = data.make_dataset(channels["validation"], spec, tokenizer, hp.validation_batch_size,
-                                            repeat=hp.validation_steps is not None)
+        shard = sharding.for_evaluation(channels["validation"], topology)
+        batches = topology.distribute(lambda: data.make_dataset(
+            channels["validation"], spec, tokenizer, hp.validation_batch_size,
+            repeat=hp.validation_steps is not None, shard=shard))
+        validation = (batches, hp.validation_steps or shard.steps_per_pass(hp.validation_batch_size))
 
-    # 4. model, resume, training
-    backbone = load_backbone(pretrained)
-    backbone.trainable = not hp.freeze_bert_layer
-    model = build_classifier(backbone, len(hp.classes), hp.max_seq_length, head=hp.head)
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=hp.learning_rate, epsilon=hp.epsilon),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        jit_compile=jit_compile,
-    )
-    store, fingerprint, global_step = None, {}, 0
-    if hp.enable_checkpointing or env.checkpoint_config_present:
-        store = checkpointing.CheckpointStore(env.checkpoint_dir, hp.keep_checkpoints)
-        fingerprint = checkpointing.fingerprint(hp, channels["train"], pretrained, policy)
-        if not hp.resume:
-            print(f"resume=false: deleting the checkpoints in {env.checkpoint_dir}")
-            store.remove_all()
-        store.remove_temporary()
-        saved = store.latest()
-        if saved is not None:
-            mismatch = checkpointing.differences(saved.fingerprint, fingerprint)
-            if mismatch:
-                raise CheckpointError(
-                    f"the checkpoint {saved.path} was written by a different job: {'; '.join(mismatch)}. "
-                    "Run with the original settings and data to resume, or set resume=false to delete "
-                    "the checkpoints and start fresh"
-                )
-            checkpointing.restore(model, saved)
-            global_step = saved.global_step
-            print(f"resumed from {saved.path}: global step {global_step} of {total_steps}")
-    checkpointer = checkpointing.Checkpointer(store, fingerprint, global_step, total_steps,
-                                              hp.checkpoint_every_n_steps, stop_signal, writes=env.is_chief)
-    callbacks = [MetricLogger(hp.log_every_n_steps, hp.train_batch_size, global_step), checkpointer]
-    if hp.enable_tensorboard and env.is_chief:
-        callbacks.append(keras.callbacks.TensorBoard(log_dir=env.tensorboard_dir, update_freq="epoch"))
+    # 4. model, resume, training: built, compiled and restored in the strategy's scope
+    checkpointing_on = hp.enable_checkpointing or env.checkpoint_config_present
+    store = (checkpointing.open_store(env.checkpoint_dir, hp.keep_checkpoints, hp.resume)
+             if checkpointing_on and topology.is_chief else None)
+    with topology.scope():
+        backbone = load_backbone(pretrained)
+        backbone.trainable = not hp.freeze_bert_layer
+        model = build_classifier(backbone, len(hp.classes), hp.max_seq_length, head=hp.head)
+        # float16: compile wraps the optimizer in Keras's LossScaleOptimizer
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate, epsilon=hp.epsilon))
+        model.optimizer.build(model.trainable_variables)
+        fingerprint = store and checkpointing.fingerprint(hp, channels["train"], pretrained, policy, topology)
+        global_step = checkpointing.resume(store, model, fingerprint, topology, total_steps)
+    checkpointer = checkpointing.Checkpointer(store, fingerprint, model, global_step, hp.checkpoint_every_n_steps,
+                                              checkpointing_on=checkpointing_on)
+    hooks = [MetricLogger(hp.log_every_n_steps), checkpointer]
+    if hp.enable_tensorboard and topology.is_chief:
+        hooks.append(TensorBoardLog(env.tensorboard_dir))
+    train_batches = topology.distribute(lambda: data.make_training_stream(
+        channels["train"], spec, tokenizer, hp.train_batch_size, hp.seed, start_step=global_step, shard=train_shard))
+    loop = TrainingLoop(topology, model, jit_compile=jit_compile, per_replica_batch=hp.train_batch_size)
     print(f"training: {hp.epochs} epoch(s) of {steps_per_epoch} steps from step {global_step}, "
           f"{model.count_params():,} parameters ({'encoder frozen' if hp.freeze_bert_layer else 'all trainable'})")
-    started = time.perf_counter()
     with stop_signal.deferred():
-        # An interrupted epoch is finished first, with its remaining steps; then whole epochs.
-        # Each fit reads the training stream from its own global step (see make_training_stream).
-        epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
-        while epoch < hp.epochs:
-            train_stream = data.make_training_stream(channels["train"], spec, tokenizer, hp.train_batch_size,
-                                                     hp.seed, start_batch=global_step)
-            last_epoch = epoch + 1 if step_in_epoch else hp.epochs
-            model.fit(train_stream, initial_epoch=epoch, epochs=last_epoch,
-                      steps_per_epoch=steps_per_epoch - step_in_epoch, validation_data=validation_data,
-                      validation_steps=hp.validation_steps, callbacks=callbacks, shuffle=False, verbose=0)
-            epoch, step_in_epoch = last_epoch, 0
-            global_step = epoch * steps_per_epoch
-    training_seconds = time.perf_counter() - started
+        training_seconds = loop.fit(train_batches, start_step=global_step, steps_per_epoch=steps_per_epoch,
+                                    epochs=hp.epochs, validation=validation, stop_signal=stop_signal, hooks=hooks)
     if checkpointer.saves:
         print(f"checkpoints={checkpointer.saves} checkpoint_seconds_total={checkpointer.save_seconds:.2f} "
               f"training_seconds={training_seconds:.1f} "
               f"checkpoint_share={checkpointer.save_seconds / training_seconds:.2%}")
 
-    if not env.is_chief:
+    if not topology.is_chief:
+        print(f"host {topology.current_host} is done: the chief host {topology.hosts[0]} evaluates and exports")
         return
     model_dir = env.model_dir
     staged = export.start_staging(model_dir)
@@ -178,6 +169,7 @@ def run(env, stop_signal):
         "hyperparameters": hp.to_dict(),
         "pretrained_model": {"path": pretrained.path, "model_type": pretrained.model_type},
         "precision": policy,
+        "distribution": {"strategy": topology.kind, "workers": topology.num_workers, "replicas": topology.replicas},
         "xla": jit_compile,
         "training_seconds": round(training_seconds, 1),
         "data": {name: [f.to_dict() for f in channel.files] for name, channel in channels.items()},
@@ -221,8 +213,9 @@ def describe_failure(error):
             "(VolumeSizeInGB)"
         )
         return resource.kind, str(resource), resource.exit_code
-    if isinstance(error, MemoryError):
-        resource = ResourceError("out of memory; lower train_batch_size or max_seq_length, or use a larger instance")
+    if isinstance(error, MemoryError) or type(error).__name__ == "ResourceExhaustedError":  # TensorFlow's OOM
+        resource = ResourceError(f"out of memory ({type(error).__name__}); lower the batch sizes or "
+                                 "max_seq_length, or use a larger instance")
         return resource.kind, str(resource), resource.exit_code
     return "InternalError", f"{type(error).__name__}: {error}", EXIT_INTERNAL_ERROR
 

@@ -49,8 +49,8 @@ def measure(channel_dir, pretrained):
     started = time.perf_counter()
     channel = data.scan_channel("train", channel_dir, spec, 0.01)
     rows = 0
-    for _, labels in data.make_training_stream(channel, spec, tokenizer, 64, seed=1).take(
-            data.batches_per_pass(channel, 64)):
+    one_pass = data.sharding.whole(channel).steps_per_pass(64)
+    for _, labels in data.make_training_stream(channel, spec, tokenizer, 64, seed=1).take(one_pass):
         rows += int(labels.shape[0])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"rows": rows, "seconds": round(time.perf_counter() - started, 1),

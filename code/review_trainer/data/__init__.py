@@ -1,0 +1,16 @@
+"""Channels: find the files, tell their format by content, scan them, and stream them to the model.
+
+    formats.py   a file's format from its first bytes; its rows as (text, class index) or a bad-row reason
+    scan.py      every file read once before training: rows, bad rows per reason, SHA-256
+    sharding.py  which files and which slice of each batch a worker and its replicas read
+    stream.py    tf.data: tokenized, shuffled, batched, resumable at any step
+"""
+
+from review_trainer.data.formats import TFRECORD, RowSpec, detect_format, iter_rows
+from review_trainer.data.scan import ChannelSummary, FileSummary, describe, list_files, scan_channel, sha256_file
+from review_trainer.data.stream import make_dataset, make_training_stream
+
+__all__ = [
+    "TFRECORD", "ChannelSummary", "FileSummary", "RowSpec", "describe", "detect_format", "iter_rows",
+    "list_files", "make_dataset", "make_training_stream", "scan_channel", "sha256_file",
+]

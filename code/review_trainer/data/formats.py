@@ -1,0 +1,256 @@
+"""Review files: tell a file's format by its content, and read its rows.
+
+Formats, decided per file from its first bytes (a `.gz` is looked into first):
+- TFRecord of tf.train.Example with the book's features `input_ids`, `input_mask`, `segment_ids`
+  (int64, length max_seq_length) and `label_ids` (int64, 0-based): already tokenized.
+- Review tables with `text_column` and `label_column`: tab-separated (the Amazon Customer Reviews
+  schema: header row, no quoting), CSV, JSON Lines, Parquet. Tokenized by the stream.
+"""
+
+import csv
+import dataclasses
+import gzip
+import io
+import json
+import struct
+
+from review_trainer.errors import DataError
+
+TFRECORD = "tfrecord"
+TSV, CSV, JSONL, PARQUET = "tsv", "csv", "jsonl", "parquet"
+TFRECORD_FEATURES = ("input_ids", "input_mask", "segment_ids", "label_ids")
+
+# Reasons a row is skipped
+EMPTY_TEXT = "empty_text"
+UNKNOWN_LABEL = "unknown_label"
+UNDECODABLE = "undecodable"
+MALFORMED = "malformed"
+
+_SNIFF_BYTES = 1 << 16
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSpec:
+    """What a row must hold: the columns to read and the label values, in class order."""
+
+    text_column: str
+    label_column: str
+    classes: tuple
+    max_seq_length: int
+
+    @property
+    def label_index(self):
+        return {label: index for index, label in enumerate(self.classes)}
+
+
+def detect_format(path):
+    """Returns (format, gzip) from the file's content, or raises DataError naming the file."""
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    compressed = head[:2] == b"\x1f\x8b"
+    if compressed:
+        try:
+            with gzip.open(path, "rb") as f:
+                head = f.read(_SNIFF_BYTES)
+        except (OSError, EOFError) as error:
+            raise DataError(f"{path}: looks gzip-compressed but cannot be decompressed ({error})") from error
+    if head[:4] == b"PAR1":
+        if compressed:
+            raise DataError(f"{path}: a gzip-compressed Parquet file; Parquet compresses itself, store it uncompressed")
+        return PARQUET, False
+    if _looks_like_tfrecord(head):
+        return TFRECORD, compressed
+    if b"\x00" not in head:  # the text formats
+        first_line = head.split(b"\n", 1)[0]
+        if head.lstrip()[:1] == b"{":
+            return JSONL, compressed
+        if b"\t" in first_line:
+            return TSV, compressed
+        if b"," in first_line:
+            return CSV, compressed
+    raise DataError(
+        f"{path}: not a format this job reads (TFRecord, tab-separated with a header row, CSV, "
+        "JSON Lines or Parquet; optionally gzip-compressed)"
+    )
+
+
+def _looks_like_tfrecord(head):
+    # A record starts with its uint64 length and the masked CRC-32C of those 8 bytes.
+    return len(head) >= 12 and struct.unpack("<I", head[8:12])[0] == _masked_crc32c(head[:8])
+
+
+def _masked_crc32c(data):
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    crc ^= 0xFFFFFFFF
+    return ((crc >> 15 | crc << 17) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+class BadRow(str):
+    """What a file reader yields instead of (text, label): the reason the row is skipped."""
+
+
+def iter_rows(summary, spec):
+    """Yields (text, class index) for a good row and (None, reason) for a bad one.
+
+    TFRecord rows are already tokenized: they yield (None, class index) here, for the counts.
+    """
+    if summary.format == TFRECORD:
+        yield from _tfrecord_rows(summary, spec)
+        return
+    readers = {TSV: _tsv_rows, CSV: _csv_rows, JSONL: _jsonl_rows, PARQUET: _parquet_rows}
+    label_index = spec.label_index
+    for row in readers[summary.format](summary, spec):
+        if isinstance(row, BadRow):
+            yield None, str(row)
+            continue
+        text, label = row
+        text = "" if text is None else str(text).strip()
+        if not text:
+            yield None, EMPTY_TEXT
+            continue
+        index = label_index.get(_label_key(label))
+        if index is None:
+            yield None, UNKNOWN_LABEL
+            continue
+        yield text, index
+
+
+def _label_key(value):
+    """5, 5.0, "5" and " 5.0 " are the same label; other values compare as text."""
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if number.is_integer() else text
+
+
+def _open_binary(summary):
+    return gzip.open(summary.path, "rb") if summary.compressed else open(summary.path, "rb")
+
+
+def _header_indexes(summary, header, spec):
+    missing = [c for c in (spec.text_column, spec.label_column) if c not in header]
+    if missing:
+        raise DataError(
+            f"{summary.path}: no column {', '.join(map(repr, missing))}; its columns are "
+            f"{', '.join(header)}. Set text_column / label_column to the right names."
+        )
+    return header.index(spec.text_column), header.index(spec.label_column)
+
+
+def _tsv_rows(summary, spec):
+    # The Amazon Customer Reviews files are tab-separated with no quoting: a quote is text.
+    with _open_binary(summary) as f:
+        header = f.readline().decode("utf-8", "replace").rstrip("\r\n").split("\t")
+        text_at, label_at = _header_indexes(summary, header, spec)
+        for raw in f:
+            raw = raw.rstrip(b"\r\n")
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield BadRow(UNDECODABLE)
+                continue
+            fields = line.split("\t")
+            if len(fields) != len(header):
+                yield BadRow(MALFORMED)
+                continue
+            yield fields[text_at], fields[label_at]
+
+
+def _csv_rows(summary, spec):
+    with _open_binary(summary) as f:
+        # Undecodable bytes become U+FFFD so that one bad line cannot stop the csv reader.
+        reader = csv.reader(io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline=""))
+        header = next(reader, [])
+        text_at, label_at = _header_indexes(summary, header, spec)
+        for fields in reader:
+            if not fields:
+                continue
+            if len(fields) != len(header):
+                yield BadRow(MALFORMED)
+            elif "\ufffd" in fields[text_at] or "\ufffd" in fields[label_at]:
+                yield BadRow(UNDECODABLE)
+            else:
+                yield fields[text_at], fields[label_at]
+
+
+def _jsonl_rows(summary, spec):
+    columns = (spec.text_column, spec.label_column)
+    rows_with_columns, keys_seen = 0, set()
+    with _open_binary(summary) as f:
+        for raw in f:
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield BadRow(UNDECODABLE)
+                continue
+            except json.JSONDecodeError:
+                yield BadRow(MALFORMED)
+                continue
+            if not isinstance(record, dict) or not all(c in record for c in columns):
+                keys_seen.update(record if isinstance(record, dict) else ())
+                yield BadRow(MALFORMED)
+                continue
+            rows_with_columns += 1
+            yield record[spec.text_column], record[spec.label_column]
+    if keys_seen and not rows_with_columns:
+        _header_indexes(summary, sorted(keys_seen), spec)  # raises: names the missing column
+
+
+def _parquet_rows(summary, spec):
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(summary.path)
+    except Exception as error:  # noqa: BLE001 - pyarrow raises several types for a broken file
+        raise DataError(f"{summary.path}: unreadable Parquet file ({error})") from error
+    _header_indexes(summary, parquet.schema_arrow.names, spec)
+    for batch in parquet.iter_batches(batch_size=4096, columns=[spec.text_column, spec.label_column]):
+        texts = batch.column(spec.text_column).to_pylist()
+        labels = batch.column(spec.label_column).to_pylist()
+        yield from zip(texts, labels)
+
+
+def _tfrecord_rows(summary, spec):
+    import tensorflow as tf
+    from tensorflow.core.example import example_pb2
+
+    dataset = tf.data.TFRecordDataset(summary.path, compression_type="GZIP" if summary.compressed else "")
+    num_classes = len(spec.classes)
+    try:
+        for record in dataset.as_numpy_iterator():
+            features = example_pb2.Example.FromString(record).features.feature
+            missing = [name for name in TFRECORD_FEATURES if name not in features]
+            if missing:
+                raise DataError(
+                    f"{summary.path}: TFRecord example without feature(s) {', '.join(missing)}; "
+                    f"expected {', '.join(TFRECORD_FEATURES)} (the book's chapter-6 format)"
+                )
+            values = {name: features[name].int64_list.value for name in TFRECORD_FEATURES}
+            for name in ("input_ids", "input_mask", "segment_ids"):
+                if len(values[name]) != spec.max_seq_length:
+                    raise DataError(
+                        f"{summary.path}: feature {name} has length {len(values[name])} but "
+                        f"max_seq_length is {spec.max_seq_length}; set max_seq_length="
+                        f"{len(values[name])} or re-tokenize the data"
+                    )
+            labels = values["label_ids"]
+            if len(labels) != 1 or not 0 <= labels[0] < num_classes:
+                yield None, UNKNOWN_LABEL
+                continue
+            yield None, int(labels[0])
+    except tf.errors.DataLossError as error:
+        raise DataError(f"{summary.path}: truncated or corrupt TFRecord file ({error.message})") from error

@@ -1,0 +1,155 @@
+"""The stream: a channel's rows, tokenized, shuffled and batched through tf.data, never all in memory.
+
+Training reads an endless stream, pass 0, pass 1, ... of this worker's files (see sharding.py for
+which files and which slice of each batch); validation and test read the files once, in order.
+"""
+
+import numpy as np
+from review_trainer.data import sharding
+from review_trainer.data.formats import TFRECORD, iter_rows
+
+_TOKENIZE_CHUNK = 512  # rows per tokenizer call
+_SHUFFLE_BUFFER = 10_000  # examples
+
+
+def make_dataset(channel, spec, tokenizer, batch_size, *, repeat=False, shard=None):
+    """Per-replica batches of ({"token_ids", "padding_mask"}, label) in file order, for validation
+    and test. Without a shard: plain batches of the whole channel."""
+    import tensorflow as tf
+
+    shard = shard or sharding.whole(channel)
+    dataset = _replica_batches(_examples(shard.files, spec, tokenizer), shard, batch_size)
+    if repeat:
+        dataset = dataset.repeat()
+    return dataset.map(_as_features).prefetch(tf.data.AUTOTUNE)
+
+
+def make_training_stream(channel, spec, tokenizer, batch_size, seed, start_step=0, shard=None):
+    """The endless training stream of per-replica batches, from step `start_step` on.
+
+    Pass p is this worker's files in an order and through a 10,000-example shuffle buffer seeded
+    by (seed, p); the stream is pass 0, pass 1, ... The batches of step n depend only on n, so a
+    job resumed at global step n reads exactly what an uninterrupted job would have read from step
+    n on. Epochs are cut from the stream by the loop.
+    """
+    import tensorflow as tf
+
+    shard = shard or sharding.whole(channel)
+    first_pass, offset = divmod(start_step, shard.steps_per_pass(batch_size))
+
+    @tf.autograph.experimental.do_not_convert  # plain Python that builds a dataset
+    def one_pass(pass_index):
+        examples = _examples(shard.files, spec, tokenizer, file_order_seed=(seed, pass_index))
+        shuffle_seed = tf.constant(seed, tf.int64) * 1_000_003 + pass_index
+        shuffled = examples.shuffle(_SHUFFLE_BUFFER, seed=shuffle_seed, reshuffle_each_iteration=False)
+        return _replica_batches(shuffled, shard, batch_size)
+
+    stream = tf.data.Dataset.range(first_pass, 1 << 62).flat_map(one_pass).skip(offset * shard.local_replicas)
+    return stream.map(_as_features).prefetch(tf.data.AUTOTUNE)
+
+
+def _replica_batches(examples, shard, batch_size):
+    """Groups of batch_size x group_replicas examples, each cut into this worker's replica slices."""
+    import tensorflow as tf
+
+    first, count = shard.first_slice, shard.local_replicas
+    if shard.group_replicas == 1:
+        return examples.batch(batch_size)
+
+    def slices(*group):
+        def replica_slice(i):
+            start = (first + i) * batch_size
+            return tuple(tensor[start:start + batch_size] for tensor in group)
+        return tf.data.Dataset.range(count).map(replica_slice)
+
+    return examples.batch(batch_size * shard.group_replicas).flat_map(slices)
+
+
+def _as_features(token_ids, padding_mask, label):
+    return {"token_ids": token_ids, "padding_mask": padding_mask}, label
+
+
+def _examples(files, spec, tokenizer, file_order_seed=None):
+    """Unbatched (token_ids, padding_mask, label) examples of every good row of the files.
+
+    With file_order_seed = (seed, pass index) (a tensor inside the training stream), the order
+    of the files is shuffled by it.
+    """
+    import tensorflow as tf
+
+    length = spec.max_seq_length
+    table_files = [f for f in files if f.format != TFRECORD and f.good_rows]
+    tfrecord_files = [f for f in files if f.format == TFRECORD and f.good_rows]
+
+    def table_examples(seed, pass_index):
+        ordered = list(table_files)
+        if seed >= 0:
+            np.random.default_rng([seed, pass_index]).shuffle(ordered)
+        for summary in ordered:
+            texts, labels = [], []
+            for text, label in iter_rows(summary, spec):
+                if isinstance(label, str):
+                    continue
+                texts.append(text)
+                labels.append(label)
+                if len(texts) == _TOKENIZE_CHUNK:
+                    yield _tokenized(tokenizer, texts, labels)
+                    texts, labels = [], []
+            if texts:
+                yield _tokenized(tokenizer, texts, labels)
+
+    seed, pass_index = file_order_seed if file_order_seed is not None else (-1, 0)
+    parts = []
+    if table_files:
+        chunks = tf.data.Dataset.from_generator(
+            table_examples,
+            args=(seed, pass_index),
+            output_signature=(
+                tf.TensorSpec([None, length], tf.int32),
+                tf.TensorSpec([None, length], tf.int32),
+                tf.TensorSpec([None], tf.int32),
+            ),
+        )
+        parts.append(chunks.unbatch())
+    for compressed in (False, True):
+        paths = [f.path for f in tfrecord_files if f.compressed == compressed]
+        if not paths:
+            continue
+        path_dataset = tf.data.Dataset.from_tensor_slices(paths)
+        if file_order_seed is not None:
+            path_dataset = path_dataset.shuffle(len(paths), seed=tf.constant(seed, tf.int64) * 7 + pass_index,
+                                                reshuffle_each_iteration=False)
+        records = path_dataset.flat_map(lambda path, c=compressed: tf.data.TFRecordDataset(path, "GZIP" if c else ""))
+        parts.append(_parse_tfrecords(records, spec))
+    dataset = parts[0]
+    for part in parts[1:]:
+        dataset = dataset.concatenate(part)
+    return dataset
+
+
+def _tokenized(tokenizer, texts, labels):
+    token_ids, padding_mask = tokenizer(texts)
+    return token_ids, padding_mask, np.asarray(labels, dtype=np.int32)
+
+
+def _parse_tfrecords(records, spec):
+    import tensorflow as tf
+
+    length = spec.max_seq_length
+    features = {
+        "input_ids": tf.io.FixedLenFeature([length], tf.int64),
+        "input_mask": tf.io.FixedLenFeature([length], tf.int64),
+        "segment_ids": tf.io.FixedLenFeature([length], tf.int64),
+        "label_ids": tf.io.FixedLenFeature([], tf.int64),
+    }
+    num_classes = len(spec.classes)
+
+    def parse(record):
+        example = tf.io.parse_single_example(record, features)
+        return (
+            tf.cast(example["input_ids"], tf.int32),
+            tf.cast(example["input_mask"], tf.int32),
+            tf.cast(example["label_ids"], tf.int32),
+        )
+
+    return records.map(parse).filter(lambda _ids, _mask, label: (label >= 0) & (label < num_classes))

@@ -1,0 +1,245 @@
+"""The run-time topology: which tf.distribute strategy trains, over how many replicas, and who is chief.
+
+environment.py says what SageMaker gave the job (hosts, channels); this module decides how to use
+it, and it is the only place that creates a strategy. `distribution`:
+
+    auto          several hosts: multi_worker; one host with several GPUs: mirrored; else none
+    none          one device (TensorFlow's default strategy); on several hosts only the chief trains
+    mirrored      MirroredStrategy over this host's GPUs (without GPUs: its logical CPU devices)
+    multi_worker  MultiWorkerMirroredStrategy over every device of every host
+
+Several hosts: TF_CONFIG is built from resourceconfig.json (hosts sorted, worker index = position in
+that list, port 2222 on every host; worker 0 is the chief). Before the strategy exists, every host
+must resolve and answer on that port within `host_wait_seconds`; the strategy is created in a
+helper thread meanwhile, because TensorFlow's own wait for the other hosts has no bound and holds
+the main thread (a SIGTERM would not be handled). Collectives time out after
+`collective_timeout_seconds`, and a lost host (TensorFlow's heartbeats find one in about 10 s)
+ends every other worker with a ClusterError naming it.
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import socket
+import threading
+import time
+
+import numpy as np
+from review_trainer.errors import ClusterError, HyperparameterError
+
+PORT = 2222  # TensorFlow's gRPC server on every host of a multi-host job
+NONE, MIRRORED, MULTI_WORKER = "none", "mirrored", "multi_worker"
+_POLL_SECONDS = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    strategy: object  # a tf.distribute.Strategy
+    kind: str  # none, mirrored or multi_worker
+    reason: str  # why this strategy, for the start-up line
+    hosts: tuple  # the job's hosts, sorted: worker i runs on hosts[i]
+    worker_index: int
+    num_workers: int  # hosts that train together: len(hosts) for multi_worker, else 1
+
+    @classmethod
+    def set_up(cls, env, hp):
+        """Creates the strategy; call it before any other TensorFlow operation (multi-worker needs that)."""
+        import tensorflow as tf
+
+        hosts = tuple(sorted(env.hosts))
+        worker_index = hosts.index(env.current_host)
+        gpus = tf.config.list_physical_devices("GPU")
+        kind, reason = choose(hp.distribution, len(hosts), len(gpus))
+        if kind == MULTI_WORKER:
+            strategy = start_multi_worker(hosts, worker_index, hp.host_wait_seconds, hp.collective_timeout_seconds)
+            return cls(strategy, kind, reason, hosts, worker_index, len(hosts))
+        if kind == MIRRORED:
+            devices = [d.name for d in tf.config.list_logical_devices("GPU" if gpus else "CPU")]
+            strategy = tf.distribute.MirroredStrategy(devices)
+        else:
+            strategy = tf.distribute.get_strategy()
+        return cls(strategy, kind, reason, hosts, worker_index, 1)
+
+    @property
+    def replicas(self):
+        return self.strategy.num_replicas_in_sync
+
+    @property
+    def local_replicas(self):
+        return self.replicas // self.num_workers
+
+    @property
+    def is_chief(self):
+        """Worker 0 writes the model, evaluation, checkpoints and TensorBoard logs."""
+        return self.worker_index == 0
+
+    @property
+    def current_host(self):
+        return self.hosts[self.worker_index]
+
+    @property
+    def idle(self):
+        """distribution=none on several hosts: only the chief trains."""
+        return self.kind == NONE and not self.is_chief
+
+    def scope(self):
+        """Variables created inside are the strategy's (mirrored on every replica)."""
+        return self.strategy.scope()
+
+    def describe(self, per_replica_batch):
+        return (f"distribution={self.kind} replicas={self.replicas} workers={self.num_workers} "
+                f"worker_index={self.worker_index} per_replica_batch={per_replica_batch} "
+                f"global_batch={per_replica_batch * self.replicas} reason={self.reason}")
+
+    def distribute(self, make_dataset):
+        """The strategy's per-worker dataset: make_dataset() is this worker's stream of per-replica batches."""
+        return self.strategy.distribute_datasets_from_function(lambda _context: make_dataset())
+
+    def sum_over_workers(self, values):
+        """The element-wise sum of each worker's values (numbers), on every worker."""
+        return self._all_reduce([np.asarray(values)], lambda replica: replica % self.local_replicas == 0)[0]
+
+    def broadcast_from_chief(self, arrays):
+        """The chief's arrays on every worker: an all-reduce to which only the chief contributes."""
+        return self._all_reduce([np.asarray(a) for a in arrays], lambda replica: replica == 0)
+
+    def _all_reduce(self, arrays, contributes):
+        """Sums over the replicas for which contributes(replica id) holds (exact: the others add zeros)."""
+        if self.num_workers == 1:
+            return arrays
+        import tensorflow as tf
+
+        def as_tensor(a):  # collectives take floats and 64-bit integers
+            return tf.constant(a if np.issubdtype(a.dtype, np.floating) else a.astype(np.int64))
+
+        @tf.function
+        def reduce(tensors):
+            def replica_fn(tensors):
+                context = tf.distribute.get_replica_context()
+                keep = contributes(context.replica_id_in_sync_group)
+                return [context.all_reduce(tf.distribute.ReduceOp.SUM, tf.where(keep, t, tf.zeros_like(t)))
+                        for t in tensors]
+            return self.strategy.experimental_local_results(self.strategy.run(replica_fn, args=(tensors,)))[0]
+
+        with self.collectives("the start of training"):
+            reduced = reduce([as_tensor(a) for a in arrays])
+        return [r.numpy().astype(a.dtype) for r, a in zip(reduced, arrays)]
+
+    @contextlib.contextmanager
+    def collectives(self, what):
+        """TensorFlow's errors of a lost host or a timed-out collective, as a ClusterError that names the host."""
+        import tensorflow as tf
+
+        try:
+            yield
+        except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
+                tf.errors.AbortedError, tf.errors.InternalError) as error:
+            if self.num_workers == 1:
+                raise
+            raise self.lost_host(error, what) from error
+
+    def lost_host(self, error, what):
+        first_line = str(getattr(error, "message", error)).strip().splitlines()[0][:300]
+        tasks = sorted({int(t) for t in re.findall(r"task:(\d+)", str(error))} - {self.worker_index})
+        lost = [self.hosts[t] for t in tasks if t < len(self.hosts)]
+        who = (f"lost host {', '.join(lost)}" if lost
+               else "lost contact with another host (none named by TensorFlow)")
+        return ClusterError(
+            f"{self.current_host} {who} during {what} ({type(error).__name__}: {first_line}). The lost host's "
+            "own log and failure file say why it stopped; a host that vanished was probably reclaimed. "
+            "Rerun the job (it resumes from the last checkpoint when checkpointing is on)"
+        )
+
+
+def choose(distribution, num_hosts, num_gpus):
+    """(kind, reason) for the `distribution` hyperparameter on this many hosts and GPUs."""
+    if distribution == "auto":
+        if num_hosts > 1:
+            return MULTI_WORKER, f"auto: {num_hosts} hosts in resourceconfig.json"
+        if num_gpus > 1:
+            return MIRRORED, f"auto: one host with {num_gpus} GPUs"
+        return NONE, f"auto: one host with {'one GPU' if num_gpus else 'no GPU'}"
+    if distribution == MIRRORED and num_hosts > 1:
+        raise HyperparameterError(
+            f"distribution=mirrored trains on the devices of one host, but this job has {num_hosts} hosts: "
+            "set distribution=multi_worker (or auto) to train on all of them, or use one instance"
+        )
+    if distribution == NONE and num_hosts > 1:
+        return NONE, (f"distribution=none on {num_hosts} hosts: only the chief trains, the other hosts "
+                      "stop at once (set distribution=auto to train on all of them)")
+    return distribution, f"distribution={distribution}"
+
+
+def tf_config(hosts, worker_index):
+    """TF_CONFIG for MultiWorkerMirroredStrategy: every host a worker, in sorted order."""
+    return {"cluster": {"worker": [f"{host}:{PORT}" for host in hosts]},
+            "task": {"type": "worker", "index": worker_index}}
+
+
+def start_multi_worker(hosts, worker_index, wait_seconds, collective_timeout_seconds):
+    """MultiWorkerMirroredStrategy, once every host resolves and answers on PORT; bounded by wait_seconds."""
+    import tensorflow as tf
+
+    deadline = time.monotonic() + wait_seconds
+    unresolved = list(hosts)
+    while unresolved:
+        unresolved = [host for host in unresolved if not _resolves(host)]
+        if unresolved and time.monotonic() > deadline:
+            raise ClusterError(
+                f"host(s) {', '.join(unresolved)} did not resolve within host_wait_seconds={wait_seconds}: "
+                f"{hosts[worker_index]} cannot reach them by name. The instances may not have started, or "
+                "the job's network (VPC, security group) does not let its hosts see each other"
+            )
+        if unresolved:
+            time.sleep(_POLL_SECONDS)
+
+    os.environ["TF_CONFIG"] = json.dumps(tf_config(hosts, worker_index))
+    created = {}
+
+    def create():
+        try:
+            options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=collective_timeout_seconds)
+            created["strategy"] = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        except Exception as error:  # noqa: BLE001 - reported below, in the main thread
+            created["error"] = error
+
+    # TensorFlow's server starts listening on PORT, then waits for every other host without a
+    # bound: in a thread, so that the main thread keeps the deadline and handles SIGTERM.
+    thread = threading.Thread(target=create, name="tf-cluster-start", daemon=True)
+    thread.start()
+    silent = [host for i, host in enumerate(hosts) if i != worker_index]
+    while thread.is_alive():
+        silent = [host for host in silent if not _answers(host, PORT)]
+        if time.monotonic() > deadline:
+            if silent:
+                raise ClusterError(
+                    f"host(s) {', '.join(silent)} did not answer on port {PORT} within host_wait_seconds="
+                    f"{wait_seconds}: their training container did not start, or failed before training "
+                    "(see their logs), or a security group blocks the port between the job's hosts"
+                )
+            raise ClusterError(f"every host answered, but the cluster did not form within "
+                               f"host_wait_seconds={wait_seconds}")
+        thread.join(_POLL_SECONDS)
+    if "error" in created:
+        error = created["error"]
+        raise ClusterError(f"the hosts {', '.join(hosts)} could not form a cluster: {type(error).__name__}: "
+                           f"{str(error).strip().splitlines()[0][:300]}") from error
+    return created["strategy"]
+
+
+def _resolves(host):
+    try:
+        socket.getaddrinfo(host, PORT)
+        return True
+    except socket.gaierror:
+        return False
+
+
+def _answers(host, port):
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False

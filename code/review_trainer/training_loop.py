@@ -1,0 +1,172 @@
+"""The training loop: one step clock for every strategy, one device or many hosts.
+
+Keras 3's `fit` fails under MultiWorkerMirroredStrategy (keras-team/keras#20585), so every run goes
+through this loop, read top to bottom like nanoGPT's. A step runs on every replica under
+`strategy.run` and all-reduces, besides the gradients (Keras's optimizer sums them), a few numbers:
+
+    examples   the global batch: each replica's loss is its sum over the global count, so the summed
+               gradients are those of the mean over the global batch (the last batch of a pass is smaller)
+    loss, correct   for the metric lines, over the whole job
+    stop votes      one per stop reason (SIGTERM, SIGINT): a host that received the signal votes, and
+               every host sees the same sum, so all stop after the same step
+
+Hooks (metric lines, TensorBoard, checkpoints) are plain objects with any of on_epoch_begin,
+on_step_end, on_epoch_end and on_stop; on_stop returns what became of the progress.
+"""
+
+import dataclasses
+import time
+
+import numpy as np
+from review_trainer.errors import ResourceError
+
+STOP_REASONS = ("SIGTERM", "SIGINT")
+
+
+@dataclasses.dataclass
+class Totals:
+    """Sums over the job's replicas since the start of an epoch (or of an evaluation)."""
+
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    examples: float = 0.0
+
+    def add(self, other):
+        self.loss_sum += other.loss_sum
+        self.correct += other.correct
+        self.examples += other.examples
+
+    @property
+    def loss(self):
+        return self.loss_sum / self.examples if self.examples else float("nan")
+
+    @property
+    def accuracy(self):
+        return self.correct / self.examples if self.examples else float("nan")
+
+
+class TrainingLoop:
+    def __init__(self, topology, model, *, jit_compile, per_replica_batch):
+        import keras
+        import tensorflow as tf
+
+        self.topology = topology
+        self.model = model
+        self.per_replica_batch = per_replica_batch
+        self._loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+        # XLA compiles the replica's own computation; the collectives stay outside it.
+        self._forward_backward = tf.function(self._forward_backward_fn, jit_compile=jit_compile)
+        self._train_step = tf.function(lambda batch, votes: self._run(self._train_replica, batch, votes))
+        self._eval_step = tf.function(lambda batch, votes: self._run(self._eval_replica, batch, votes))
+
+    # One step, on every replica
+    def _run(self, replica_fn, batch, votes):
+        outputs = self.topology.strategy.run(replica_fn, args=(batch, votes))
+        return self.topology.strategy.experimental_local_results(outputs)[0]  # the same on every replica
+
+    def _train_replica(self, batch, votes):
+        import tensorflow as tf
+
+        features, labels = batch
+        context = tf.distribute.get_replica_context()
+        examples = tf.cast(tf.shape(labels)[0], tf.float32)
+        job_examples = context.all_reduce(tf.distribute.ReduceOp.SUM, examples)
+        gradients, loss_sum, correct = self._forward_backward(features, labels, job_examples)
+        optimizer = self.model.optimizer
+        optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
+        return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat([[loss_sum, correct, examples], votes], 0))
+
+    def _forward_backward_fn(self, features, labels, job_examples):
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            logits = self.model(features, training=True)
+            per_example = self._loss(labels, logits)
+            loss = tf.reduce_sum(per_example) / tf.maximum(job_examples, 1.0)
+            scaled = self.model.optimizer.scale_loss(loss)  # float16: the loss scale
+        gradients = tape.gradient(scaled, self.model.trainable_variables)
+        return gradients, tf.reduce_sum(per_example), self._correct(logits, labels)
+
+    def _eval_replica(self, batch, votes):
+        import tensorflow as tf
+
+        features, labels = batch
+        logits = self.model(features, training=False)
+        sums = [tf.reduce_sum(self._loss(labels, logits)), self._correct(logits, labels),
+                tf.cast(tf.shape(labels)[0], tf.float32)]
+        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tf.concat([sums, votes], 0))
+
+    @staticmethod
+    def _correct(logits, labels):
+        import tensorflow as tf
+
+        predicted = tf.argmax(logits, axis=-1, output_type=labels.dtype)
+        return tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.float32))
+
+    def _step(self, step_fn, iterator, stop_signal, what):
+        """Runs one step; returns (Totals, stop reason or None) as every worker sees them."""
+        import tensorflow as tf
+
+        votes = np.array([stop_signal.received == reason for reason in STOP_REASONS], np.float32)
+        try:
+            with self.topology.collectives(what):
+                sums = step_fn(next(iterator), votes).numpy()
+        except tf.errors.ResourceExhaustedError as error:
+            raise ResourceError(
+                f"out of memory during {what} with {self.per_replica_batch} examples per replica "
+                f"({error.message.strip().splitlines()[0][:200]}); lower train_batch_size (per replica) "
+                "or max_seq_length, or use an instance with more memory"
+            ) from error
+        totals = Totals(float(sums[0]), float(sums[1]), float(sums[2]))
+        stop = next((reason for reason, vote in zip(STOP_REASONS, sums[3:]) if vote > 0), None)
+        return totals, stop
+
+    # The run
+    def fit(self, train_batches, *, start_step, steps_per_epoch, epochs, validation, stop_signal, hooks):
+        """Trains from start_step to epochs * steps_per_epoch; returns the training seconds.
+
+        validation: (distributed dataset, steps) or None. A stop agreed in a step (or during
+        validation) ends the run after that step: hooks' on_stop, then JobStopped.
+        """
+        def call(name, *args):
+            return [getattr(hook, name)(*args) for hook in hooks if hasattr(hook, name)]
+
+        def stop(step, reason):
+            stop_signal.agree(reason)
+            outcome = "; ".join(call("on_stop", step))
+            raise stop_signal.stopped(f"at step {step} of {epochs * steps_per_epoch}; {outcome}")
+
+        iterator = iter(train_batches)
+        step, training_seconds = start_step, 0.0
+        for epoch in range(start_step // steps_per_epoch + 1, epochs + 1):
+            call("on_epoch_begin", epoch)
+            running, started = Totals(), time.perf_counter()
+            while step < epoch * steps_per_epoch:
+                totals, reason = self._step(self._train_step, iterator, stop_signal, f"training step {step + 1}")
+                step += 1
+                running.add(totals)
+                call("on_step_end", step, running)
+                if reason:
+                    stop(step, reason)
+            seconds = time.perf_counter() - started
+            training_seconds += seconds
+            logs = {"train_loss": running.loss, "train_accuracy": running.accuracy,
+                    "train_samples_per_second": running.examples / seconds}
+            if validation is not None:
+                evaluated, reason = self.evaluate(*validation, stop_signal, what=f"validation after step {step}")
+                if reason:
+                    stop(step, reason)
+                logs.update(val_loss=evaluated.loss, val_accuracy=evaluated.accuracy)
+            call("on_epoch_end", epoch, step, logs)
+        return training_seconds
+
+    def evaluate(self, batches, steps, stop_signal, what="evaluation"):
+        """(Totals, stop reason or None) over `steps` steps of a distributed dataset."""
+        iterator = iter(batches)
+        evaluated = Totals()
+        for _ in range(steps):
+            totals, reason = self._step(self._eval_step, iterator, stop_signal, what)
+            evaluated.add(totals)
+            if reason:
+                return evaluated, reason
+        return evaluated, None
