@@ -44,17 +44,22 @@ def _norm(prefix, hidden=HIDDEN):
 
 
 def make_distilbert(path, seed=0, hidden=HIDDEN, layers=LAYERS, heads=HEADS, intermediate=INTERMEDIATE,
-                    vocab_size=None):
-    """A random DistilBERT; the defaults are tiny, (768, 6, 12, 3072, 30522) is DistilBERT-base's shape."""
+                    vocab_size=None, dropout=0.1):
+    """A random DistilBERT; the defaults are tiny, (768, 6, 12, 3072, 30522) is DistilBERT-base's shape.
+
+    dropout=0 (encoder and classifier) makes training deterministic in the data alone: runs that
+    split a step's batch differently must then end with the same weights."""
     rng = np.random.default_rng(seed)
     os.makedirs(path, exist_ok=True)
     vocab = VOCAB + [f"[unused{i}]" for i in range(max(0, (vocab_size or 0) - len(VOCAB)))]
     config = {
         "model_type": "distilbert", "architectures": ["DistilBertModel"], "vocab_size": len(vocab),
         "dim": hidden, "n_layers": layers, "n_heads": heads, "hidden_dim": intermediate,
-        "dropout": 0.1, "attention_dropout": 0.1, "max_position_embeddings": POSITIONS,
+        "dropout": dropout, "attention_dropout": dropout, "max_position_embeddings": POSITIONS,
         "activation": "gelu", "pad_token_id": 0,
     }
+    if dropout != 0.1:
+        config["seq_classif_dropout"] = dropout
     weights = {
         "distilbert.embeddings.word_embeddings.weight": rng.normal(0, 0.02, (len(vocab), hidden)).astype(np.float32),
         "distilbert.embeddings.position_embeddings.weight": rng.normal(0, 0.02, (POSITIONS, hidden)).astype(np.float32),

@@ -221,7 +221,7 @@ def resume(store, model, fingerprint_, topology, total_steps, print_fn=print):
         decision = topology.broadcast_from_chief([decision])[0]
         if decision[0] == 1:
             variables = training_variables(model)
-            values = topology.broadcast_from_chief([keras.ops.convert_to_numpy(v.value) for v in variables])
+            values = topology.broadcast_from_chief([np.asarray(v.numpy()) for v in variables])
             for variable, value in zip(variables, values):
                 variable.assign(value)
     if decision[0] == 2:

@@ -2,7 +2,8 @@
 
 Inputs are `token_ids` and `padding_mask` (int32, [batch, max_seq_length]); BERT's segment ids
 are all zero for a single text. The `cls` head reads the [CLS] vector (through BERT's pretrained
-pooler where there is one, as BertForSequenceClassification does); `bilstm` is the book's head. The last layer stays float32 under mixed precision so that the
+pooler where there is one, as BertForSequenceClassification does) with the checkpoint's own
+classifier dropout; `bilstm` is the book's head. The last layer stays float32 under mixed precision so that the
 logits and the loss are computed in full precision.
 """
 

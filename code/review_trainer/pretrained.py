@@ -28,6 +28,14 @@ class PretrainedCheckpoint:
     def max_positions(self):
         return int(self.config.get("max_position_embeddings", 512))
 
+    @property
+    def classifier_dropout(self):
+        """The `cls` head's dropout, as transformers' *ForSequenceClassification reads it from config.json."""
+        if self.model_type == "distilbert":
+            return float(self.config.get("seq_classif_dropout", 0.2))
+        rate = self.config.get("classifier_dropout")
+        return float(self.config.get("hidden_dropout_prob", 0.1) if rate is None else rate)
+
 
 def open_checkpoint(path):
     """Checks the folder and says what is missing before any weights are read."""

@@ -22,8 +22,8 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import socket
-import threading
 import time
 
 import numpy as np
@@ -141,7 +141,8 @@ class Topology:
             raise self.lost_host(error, what) from error
 
     def lost_host(self, error, what):
-        first_line = str(getattr(error, "message", error)).strip().splitlines()[0][:300]
+        message = re.sub(r"\{\{[^}]*\}\}\s*", "", str(getattr(error, "message", error))).strip()
+        first_line = message.splitlines()[0][:300] if message else ""
         tasks = sorted({int(t) for t in re.findall(r"task:(\d+)", str(error))} - {self.worker_index})
         lost = [self.hosts[t] for t in tasks if t < len(self.hosts)]
         who = (f"lost host {', '.join(lost)}" if lost
@@ -179,54 +180,53 @@ def tf_config(hosts, worker_index):
 
 
 def start_multi_worker(hosts, worker_index, wait_seconds, collective_timeout_seconds):
-    """MultiWorkerMirroredStrategy, once every host resolves and answers on PORT; bounded by wait_seconds."""
+    """MultiWorkerMirroredStrategy, once every host resolves and answers on PORT within wait_seconds.
+
+    TensorFlow's own wait for the other hosts has no bound on the chief, and holds the interpreter
+    (not even SIGTERM is handled), so the hosts meet first: each listens on PORT with a plain
+    socket and polls the others until all answer; then it closes its socket and TensorFlow's
+    server takes the port (a host still polling finds either one answering).
+    """
     import tensorflow as tf
 
     deadline = time.monotonic() + wait_seconds
-    unresolved = list(hosts)
-    while unresolved:
-        unresolved = [host for host in unresolved if not _resolves(host)]
-        if unresolved and time.monotonic() > deadline:
-            raise ClusterError(
-                f"host(s) {', '.join(unresolved)} did not resolve within host_wait_seconds={wait_seconds}: "
-                f"{hosts[worker_index]} cannot reach them by name. The instances may not have started, or "
-                "the job's network (VPC, security group) does not let its hosts see each other"
-            )
-        if unresolved:
-            time.sleep(_POLL_SECONDS)
+    _wait(hosts, lambda host: not _resolves(host), deadline, lambda late: ClusterError(
+        f"host(s) {', '.join(late)} did not resolve within host_wait_seconds={wait_seconds}: "
+        f"{hosts[worker_index]} cannot reach them by name. The instances may not have started, or the "
+        "job's network (VPC, security group) does not let its hosts see each other"))
+    with socket.create_server(("", PORT), reuse_port=False) as listener:
+        listener.settimeout(_POLL_SECONDS)
+        peers = [host for i, host in enumerate(hosts) if i != worker_index]
+        _wait(peers, lambda host: not _answers(host, PORT, listener), deadline, lambda late: ClusterError(
+            f"host(s) {', '.join(late)} did not answer on port {PORT} within host_wait_seconds={wait_seconds}: "
+            "their training container did not start, or failed before training (see their logs), or a "
+            "security group blocks the port between the job's hosts"))
 
     os.environ["TF_CONFIG"] = json.dumps(tf_config(hosts, worker_index))
-    created = {}
-
-    def create():
-        try:
-            options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=collective_timeout_seconds)
-            created["strategy"] = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
-        except Exception as error:  # noqa: BLE001 - reported below, in the main thread
-            created["error"] = error
-
-    # TensorFlow's server starts listening on PORT, then waits for every other host without a
-    # bound: in a thread, so that the main thread keeps the deadline and handles SIGTERM.
-    thread = threading.Thread(target=create, name="tf-cluster-start", daemon=True)
-    thread.start()
-    silent = [host for i, host in enumerate(hosts) if i != worker_index]
-    while thread.is_alive():
-        silent = [host for host in silent if not _answers(host, PORT)]
-        if time.monotonic() > deadline:
-            if silent:
-                raise ClusterError(
-                    f"host(s) {', '.join(silent)} did not answer on port {PORT} within host_wait_seconds="
-                    f"{wait_seconds}: their training container did not start, or failed before training "
-                    "(see their logs), or a security group blocks the port between the job's hosts"
-                )
-            raise ClusterError(f"every host answered, but the cluster did not form within "
-                               f"host_wait_seconds={wait_seconds}")
-        thread.join(_POLL_SECONDS)
-    if "error" in created:
-        error = created["error"]
+    # TensorFlow's coordination service installs its own SIGTERM handler (to note preemptions),
+    # which would hide the signal from the job: the handlers in place now are put back.
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=collective_timeout_seconds)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    except tf.errors.OpError as error:
         raise ClusterError(f"the hosts {', '.join(hosts)} could not form a cluster: {type(error).__name__}: "
-                           f"{str(error).strip().splitlines()[0][:300]}") from error
-    return created["strategy"]
+                           f"{error.message.strip().splitlines()[0][:300]}") from error
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    return strategy
+
+
+def _wait(hosts, pending, deadline, timed_out):
+    """Polls until pending(host) is false for every host, or raises timed_out(the hosts left)."""
+    while True:
+        hosts = [host for host in hosts if pending(host)]
+        if not hosts:
+            return
+        if time.monotonic() > deadline:
+            raise timed_out(hosts)
+        time.sleep(_POLL_SECONDS)
 
 
 def _resolves(host):
@@ -237,7 +237,13 @@ def _resolves(host):
         return False
 
 
-def _answers(host, port):
+def _answers(host, port, listener):
+    """Whether host accepts a connection on port; meanwhile lets the others' connections in."""
+    try:
+        while True:
+            listener.accept()[0].close()
+    except (TimeoutError, BlockingIOError):
+        pass
     try:
         with socket.create_connection((host, port), timeout=1):
             return True

@@ -108,7 +108,8 @@ def run(env, stop_signal):
     with topology.scope():
         backbone = load_backbone(pretrained)
         backbone.trainable = not hp.freeze_bert_layer
-        model = build_classifier(backbone, len(hp.classes), hp.max_seq_length, head=hp.head)
+        model = build_classifier(backbone, len(hp.classes), hp.max_seq_length, head=hp.head,
+                                 dropout=pretrained.classifier_dropout)
         # float16: compile wraps the optimizer in Keras's LossScaleOptimizer
         model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate, epsilon=hp.epsilon))
         model.optimizer.build(model.trainable_variables)
@@ -154,7 +155,8 @@ def run(env, stop_signal):
         evaluate.plot_confusion_matrix(report, os.path.join(staged, "metrics", "confusion_matrix.png"))
     if hp.run_sample_predictions:
         token_ids, padding_mask = tokenizer(SAMPLE_REVIEWS)
-        logits = model.predict_on_batch({"token_ids": token_ids, "padding_mask": padding_mask})
+        # A plain call: Keras's predict would run under the strategy, with the other hosts gone.
+        logits = model({"token_ids": token_ids, "padding_mask": padding_mask}, training=False)
         for text, probabilities in zip(SAMPLE_REVIEWS, keras.ops.convert_to_numpy(keras.ops.softmax(logits))):
             print(f"sample_prediction label={hp.classes[probabilities.argmax()]} "
                   f"confidence={probabilities.max():.3f} text={text!r}")
