@@ -18,6 +18,7 @@ from conftest import (
     make_opt_ml,
     make_reviews,
     read_failure,
+    require,
     run_train,
     train_env,
 )
@@ -241,8 +242,8 @@ def test_missing_pretrained_model_fails(tmp_path):
                   r"^PretrainedModelError: no pretrained model folder: set the hyperparameter pretrained_model_dir")
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root to mount a small tmpfs")
 def test_a_full_disk_fails_cleanly_without_a_half_written_model(tmp_path, distilbert_dir):
+    require("root and unshare, to mount a small tmpfs", os.geteuid() == 0 and shutil.which("unshare"))
     base = make_opt_ml(str(tmp_path), {"train": {"t.tsv": amazon_tsv(make_reviews(16))}},
                        {**FAST_HYPERPARAMETERS, "run_sample_predictions": "false"})
     model_dir = os.path.join(base, "model")
@@ -251,8 +252,9 @@ def test_a_full_disk_fails_cleanly_without_a_half_written_model(tmp_path, distil
     command = f"mount -t tmpfs -o size=32k tmpfs {model_dir} && exec {TRAIN}"
     result = subprocess.run(["unshare", "-m", "sh", "-c", command], env=train_env(base, distilbert_dir),
                             capture_output=True, text=True)
-    if "mount" in result.stderr and result.returncode == 1 and not os.path.exists(os.path.join(base, "output", "failure")):
-        pytest.skip(f"cannot mount here: {result.stderr[-300:]}")
+    mounted = not ("mount" in result.stderr and result.returncode == 1
+                   and not os.path.exists(os.path.join(base, "output", "failure")))
+    require(f"a tmpfs mount ({result.stderr[-300:]})", mounted)
     assert result.returncode == 5, result.stderr[-2000:]
     assert read_failure(base).startswith("ResourceError: no space left on device")
     assert os.listdir(model_dir) == []

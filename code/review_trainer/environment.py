@@ -13,7 +13,8 @@ Nothing else in the package reads `/opt/ml` paths or `SM_*` variables. The layou
     ├── output/success | output/failure     how the job ended
     └── output/data/                        uploaded as output.tar.gz
 
-sagemaker-training's `Environment` supplies the host topology and device counts. Its module reads
+sagemaker-training's `Environment` supplies the host list and device counts; topology.py decides
+how they are used (strategy, replicas, chief). Its module reads
 `SAGEMAKER_BASE_DIR` once, at import, and invents a `~/sagemaker_local/...` tree when neither that
 variable nor /opt/ml exists, so the variable is set before it is imported. Its `train` runner is not
 used: it waits up to 15 minutes for every host name to resolve and does not forward SIGTERM.
@@ -55,11 +56,6 @@ class TrainingEnvironment:
     @property
     def output_data_dir(self):
         return os.path.join(self.base_dir, "output", "data")
-
-    @property
-    def is_chief(self):
-        """Only the first host (in sorted order) writes the model, checkpoints and reports."""
-        return self.current_host == sorted(self.hosts)[0]
 
 
 def base_dir():

@@ -95,11 +95,11 @@ def run(env, stop_signal):
     total_steps = hp.epochs * steps_per_epoch
     validation = None
     if "validation" in channels:
-        shard = sharding.for_evaluation(channels["validation"], topology)
+        shard = sharding.for_evaluation(channels["validation"], topology, env.channel_distribution["validation"])
         batches = topology.distribute(lambda: data.make_dataset(
             channels["validation"], spec, tokenizer, hp.validation_batch_size,
-            repeat=hp.validation_steps is not None, shard=shard))
-        validation = (batches, hp.validation_steps or shard.steps_per_pass(hp.validation_batch_size))
+            repeat=hp.validation_steps is not None, endless=True, shard=shard))
+        validation = (batches, hp.validation_steps or shard.evaluation_steps(hp.validation_batch_size))
 
     # 4. model, resume, training: built, compiled and restored in the strategy's scope
     checkpointing_on = hp.enable_checkpointing or env.checkpoint_config_present

@@ -33,6 +33,7 @@ class Shard:
     group_replicas: int = 1  # replicas that share one group: this worker's, or the job's (record)
     first_slice: int = 0  # this worker's first replica within a group
     job_rows: int = 0  # rows of one pass over the whole job's data (every worker's files)
+    worker_rows: tuple = ()  # rows each worker reads in a pass, where they may differ (ShardedByS3Key)
     reason: str = ""
 
     @property
@@ -46,6 +47,10 @@ class Shard:
     def steps_per_pass(self, batch_size):
         """Steps in one pass over this worker's files (its last group may be smaller)."""
         return math.ceil(self.rows / (batch_size * self.group_replicas))
+
+    def evaluation_steps(self, batch_size):
+        """Steps for every worker to read all of its rows: those of the worker with the most."""
+        return max(math.ceil(rows / (batch_size * self.group_replicas)) for rows in self.worker_rows or (self.rows,))
 
 
 def whole(channel, local_replicas=1):
@@ -67,14 +72,22 @@ def for_training(channel, topology, distribution_type):
         return Shard(FILE, deal_files(with_rows, workers)[topology.worker_index], local, local, job_rows=channel.good_rows,
                      reason=f"FullyReplicated with {len(with_rows)} files for {workers} workers: by file")
     return dataclasses.replace(
-        for_evaluation(channel, topology),
+        for_evaluation(channel, topology, FULLY_REPLICATED),
         reason=f"FullyReplicated with {len(with_rows)} file(s) for {workers} workers: fewer files than workers, by record")
 
 
-def for_evaluation(channel, topology):
-    """By record: each example once across the job's replicas, the same number of steps on every worker."""
+def for_evaluation(channel, topology, distribution_type=FULLY_REPLICATED):
+    """Each example once across the job's replicas. FullyReplicated: by record, the same steps on
+    every worker. ShardedByS3Key: each worker its own files; a worker with fewer rows steps on with
+    empty batches (make_dataset's `endless`) until the one with the most is done."""
+    if topology.num_workers > 1 and distribution_type == SHARDED_BY_S3_KEY:
+        one_hot = [channel.good_rows if i == topology.worker_index else 0 for i in range(topology.num_workers)]
+        worker_rows = tuple(int(r) for r in topology.sum_over_workers(one_hot))
+        return dataclasses.replace(whole(channel, topology.local_replicas), job_rows=sum(worker_rows),
+                                   worker_rows=worker_rows, reason="ShardedByS3Key: each host its own files")
     return Shard(RECORD, tuple(channel.files), topology.local_replicas, topology.replicas,
-                 first_slice=topology.worker_index * topology.local_replicas, job_rows=channel.good_rows)
+                 first_slice=topology.worker_index * topology.local_replicas, job_rows=channel.good_rows,
+                 reason="by record")
 
 
 def deal_files(files, num_workers):

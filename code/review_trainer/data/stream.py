@@ -12,15 +12,20 @@ _TOKENIZE_CHUNK = 512  # rows per tokenizer call
 _SHUFFLE_BUFFER = 10_000  # examples
 
 
-def make_dataset(channel, spec, tokenizer, batch_size, *, repeat=False, shard=None):
+def make_dataset(channel, spec, tokenizer, batch_size, *, repeat=False, endless=False, shard=None):
     """Per-replica batches of ({"token_ids", "padding_mask"}, label) in file order, for validation
-    and test. Without a shard: plain batches of the whole channel."""
+    and test. Without a shard: plain batches of the whole channel. repeat: the rows again and
+    again; endless: empty batches after the rows (a worker with fewer rows than another keeps
+    stepping with it)."""
     import tensorflow as tf
 
     shard = shard or sharding.whole(channel)
     dataset = _replica_batches(_examples(shard.files, spec, tokenizer), shard, batch_size)
     if repeat:
         dataset = dataset.repeat()
+    elif endless:
+        nothing = tf.zeros([0, spec.max_seq_length], tf.int32)
+        dataset = dataset.concatenate(tf.data.Dataset.from_tensors((nothing, nothing, tf.zeros([0], tf.int32))).repeat())
     return dataset.map(_as_features).prefetch(tf.data.AUTOTUNE)
 
 

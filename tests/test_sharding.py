@@ -1,0 +1,109 @@
+"""Sharding: which examples each worker and replica reads (data/sharding.py, data/stream.py).
+
+The examples are TFRecords whose first token id is the example's number, so the examples a stream
+yields can be counted without a model: across the workers, every example once per pass.
+"""
+
+import collections
+import dataclasses
+
+import pytest
+from review_trainer import data
+from review_trainer.data import sharding
+from test_data import tfrecord_bytes
+
+SPEC = data.RowSpec("review_body", "star_rating", ("1", "2", "3", "4", "5"), 16)
+BATCH = 4
+
+
+@dataclasses.dataclass
+class FakeTopology:
+    """A worker's view of the job; sum_over_workers answers the two sums sharding asks for."""
+
+    num_workers: int
+    worker_index: int
+    local_replicas: int
+    rows_per_worker: list
+
+    @property
+    def replicas(self):
+        return self.num_workers * self.local_replicas
+
+    def sum_over_workers(self, values):
+        if len(values) == 1:  # every worker's row count
+            return [sum(self.rows_per_worker)]
+        return list(self.rows_per_worker)  # a one-hot vector of rows per worker
+
+
+def channel_of(tmp_path, name, numbers, files):
+    """A channel of `files` TFRecord files holding the examples `numbers` (sizes 1, 2, 3, ...)."""
+    folder = tmp_path / name
+    folder.mkdir()
+    numbers = list(numbers)
+    sizes = [i + 1 for i in range(files)]
+    cuts = [round(len(numbers) * sum(sizes[:i]) / sum(sizes)) for i in range(files + 1)]
+    for i in range(files):
+        examples = [([n] + [1] * 15, [1] * 16, n % 5) for n in numbers[cuts[i]:cuts[i + 1]]]
+        (folder / f"part-{i}.tfrecord").write_bytes(tfrecord_bytes(tmp_path, examples))
+    return data.scan_channel(name, str(folder), SPEC, 0.0)
+
+
+def first_pass(channel, shard):
+    """The example numbers of each step of this worker's first pass: [[replica 0's, replica 1's, ...], ...]."""
+    stream = data.make_training_stream(channel, SPEC, None, BATCH, seed=5, shard=shard)
+    elements = [x["token_ids"][:, 0].numpy().tolist()
+                for x, _ in stream.take(shard.steps_per_pass(BATCH) * shard.local_replicas)]
+    return [elements[i:i + shard.local_replicas] for i in range(0, len(elements), shard.local_replicas)]
+
+
+@pytest.mark.parametrize("files", [1, 2, 3])
+@pytest.mark.parametrize("workers", [2, 3])
+def test_fully_replicated_every_example_is_read_once_per_pass_across_the_workers(tmp_path, files, workers):
+    channel = channel_of(tmp_path, "train", range(37), files)
+    shards = [sharding.for_training(channel, FakeTopology(workers, w, 1, [37] * workers), "FullyReplicated")
+              for w in range(workers)]
+    assert {s.by for s in shards} == {"file" if files >= workers else "record"}
+    assert all(s.job_rows == 37 for s in shards)
+    read = collections.Counter(n for s in shards for step in first_pass(channel, s) for replica in step for n in replica)
+    assert read == collections.Counter(range(37))
+    if files >= workers:  # whole files, dealt so that no two workers share one
+        assert sorted(f.path for s in shards for f in s.files) == sorted(f.path for f in channel.files)
+
+
+@pytest.mark.parametrize("files", [1, 2, 3])
+def test_sharded_by_s3_key_each_host_reads_all_of_its_own_files(tmp_path, files):
+    channels = [channel_of(tmp_path, f"host-{w}", range(w * 100, w * 100 + 20 + 7 * w), files) for w in range(2)]
+    rows = [c.good_rows for c in channels]
+    shards = [sharding.for_training(c, FakeTopology(2, w, 1, rows), "ShardedByS3Key") for w, c in enumerate(channels)]
+    assert [s.by for s in shards] == ["channel", "channel"] and [s.job_rows for s in shards] == [47, 47]
+    read = collections.Counter(n for c, s in zip(channels, shards) for step in first_pass(c, s) for r in step for n in r)
+    assert read == collections.Counter([*range(20), *range(100, 127)])
+
+
+def test_record_sharding_gives_each_step_the_examples_of_a_one_worker_step_with_the_global_batch(tmp_path):
+    channel = channel_of(tmp_path, "train", range(45), 1)
+    # Two workers with two replicas each: the global batch is 4 x 4 = 16.
+    shards = [sharding.for_training(channel, FakeTopology(2, w, 2, [45, 45]), "FullyReplicated") for w in range(2)]
+    global_batches = one_worker_steps(channel, 16)
+    passes = [first_pass(channel, s) for s in shards]
+    assert [len(p) for p in passes] == [3, 3]  # ceil(45 / 16) steps on every worker
+    for step, expected in enumerate(global_batches):
+        replicas = passes[0][step] + passes[1][step]  # replica order: worker 0's, then worker 1's
+        assert sorted(n for r in replicas for n in r) == sorted(expected)
+        assert [len(r) for r in replicas] == [min(BATCH, max(0, len(expected) - i * BATCH)) for i in range(4)]
+
+
+def one_worker_steps(channel, global_batch):
+    """The example numbers of each step of a one-worker, one-replica job with batch `global_batch`."""
+    stream = data.make_training_stream(channel, SPEC, None, global_batch, seed=5)
+    steps = sharding.whole(channel).steps_per_pass(global_batch)
+    return [x["token_ids"][:, 0].numpy().tolist() for x, _ in stream.take(steps)]
+
+
+def test_evaluation_with_sharded_by_s3_key_steps_as_long_as_the_worker_with_most_rows(tmp_path):
+    channels = [channel_of(tmp_path, f"host-{w}", range(w * 100, w * 100 + n), 1) for w, n in enumerate((9, 30))]
+    shards = [sharding.for_evaluation(c, FakeTopology(2, w, 1, [9, 30]), "ShardedByS3Key") for w, c in enumerate(channels)]
+    assert [s.evaluation_steps(BATCH) for s in shards] == [8, 8]  # ceil(30 / 4) for both
+    small = data.make_dataset(channels[0], SPEC, None, BATCH, endless=True, shard=shards[0])
+    sizes = [int(y.shape[0]) for _, y in small.take(8)]
+    assert sizes == [4, 4, 1, 0, 0, 0, 0, 0]  # its 9 rows, then empty batches in step with the other worker

@@ -1,0 +1,110 @@
+"""The topology's decisions that need no second host: the strategy chosen, TF_CONFIG, the host list,
+and how TensorFlow's errors are reported (the multi-host runs are in test_distributed.py)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import (
+    FAST_HYPERPARAMETERS,
+    amazon_tsv,
+    make_opt_ml,
+    make_reviews,
+    read_failure,
+    run_train,
+)
+from review_trainer import topology, train
+from review_trainer.errors import HyperparameterError, ResourceError
+from review_trainer.stopping import StopSignal
+from review_trainer.training_loop import TrainingLoop
+
+
+@pytest.mark.parametrize("distribution, hosts, gpus, kind, reason", [
+    ("auto", 1, 0, "none", "auto: one host with no GPU"),
+    ("auto", 1, 1, "none", "auto: one host with one GPU"),
+    ("auto", 1, 8, "mirrored", "auto: one host with 8 GPUs"),
+    ("auto", 2, 8, "multi_worker", "auto: 2 hosts in resourceconfig.json"),
+    ("multi_worker", 1, 0, "multi_worker", "distribution=multi_worker"),
+    ("mirrored", 1, 0, "mirrored", "distribution=mirrored"),
+    ("none", 3, 0, "none", "distribution=none on 3 hosts: only the chief trains, the other hosts stop at once"),
+])
+def test_the_strategy_follows_distribution_hosts_and_gpus(distribution, hosts, gpus, kind, reason):
+    chosen, why = topology.choose(distribution, hosts, gpus)
+    assert chosen == kind and why.startswith(reason)
+
+
+def test_mirrored_on_several_hosts_is_refused_with_the_alternative():
+    with pytest.raises(HyperparameterError, match="this job has 2 hosts: set distribution=multi_worker"):
+        topology.choose("mirrored", 2, 8)
+
+
+def test_tf_config_lists_the_sorted_hosts_on_the_fixed_port():
+    assert topology.tf_config(("algo-1", "algo-2", "algo-3"), 1) == {
+        "cluster": {"worker": ["algo-1:2222", "algo-2:2222", "algo-3:2222"]},
+        "task": {"type": "worker", "index": 1},
+    }
+
+
+@pytest.mark.parametrize("resource_config, message", [
+    ({"current_host": "algo-1", "hosts": []}, "hosts must be a non-empty list of host names, got []"),
+    ({"current_host": "algo-1", "hosts": ["algo-1", "algo-2", "algo-1"]}, "hosts lists algo-1 more than once"),
+    ({"current_host": "algo-9", "hosts": ["algo-1", "algo-2"]},
+     "current_host 'algo-9' is not one of the hosts ['algo-1', 'algo-2']"),
+])
+def test_a_host_list_that_cannot_be_right_fails_at_the_start(tmp_path, distilbert_dir, resource_config, message):
+    base = make_opt_ml(str(tmp_path), {"train": {"t.tsv": amazon_tsv(make_reviews(8))}}, FAST_HYPERPARAMETERS)
+    with open(os.path.join(base, "input", "config", "resourceconfig.json"), "w") as f:
+        json.dump(resource_config, f)
+    result = run_train(base, distilbert_dir)
+    assert result.returncode == 7
+    first_line = read_failure(base).splitlines()[0]
+    assert first_line.startswith("ClusterError: ") and "resourceconfig.json: " + message in first_line, first_line
+    assert not os.path.exists(os.path.join(base, "model")) or os.listdir(os.path.join(base, "model")) == []
+
+
+def one_device():
+    return topology.Topology(tf.distribute.get_strategy(), "none", "test", ("algo-1", "algo-2"), 0, 1)
+
+
+def test_a_lost_host_is_named_from_tensorflows_task_index():
+    two_workers = topology.Topology(tf.distribute.get_strategy(), "multi_worker", "test", ("algo-1", "algo-2"), 0, 2)
+    error = tf.errors.UnavailableError(None, None, "{{function_node __inference_step_12}} Collective ops is aborted "
+                                       "by: Error reported from /job:worker/task:1: tasks are unhealthy")
+    lost = two_workers.lost_host(error, "training step 7")
+    assert str(lost).startswith("algo-1 lost host algo-2 during training step 7 (UnavailableError: Collective ops "
+                                "is aborted by: Error reported from /job:worker/task:1")
+    with pytest.raises(tf.errors.UnavailableError), one_device().collectives("a step"):  # one worker: not a host
+        raise error
+
+
+def test_out_of_memory_in_a_step_is_a_resource_error_with_the_per_replica_batch():
+    loop = TrainingLoop.__new__(TrainingLoop)
+    loop.topology, loop.per_replica_batch = one_device(), 48
+
+    def step_fn(batch, votes):
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[48,12,64,64]")
+
+    with pytest.raises(ResourceError, match="out of memory during training step 3 with 48 examples per replica "
+                                            r"\(OOM when allocating tensor with shape\[48,12,64,64\]\); lower train_batch_size"):
+        loop._step(step_fn, iter([None]), StopSignal(), "training step 3")
+    kind, message, exit_code = train.describe_failure(tf.errors.ResourceExhaustedError(None, None, "OOM"))
+    assert (kind, exit_code) == ("ResourceError", 5) and message.startswith("out of memory (ResourceExhaustedError)")
+
+
+def test_stop_votes_say_which_signal_this_host_received():
+    seen = []
+    loop = TrainingLoop.__new__(TrainingLoop)
+    loop.topology, loop.per_replica_batch = one_device(), 8
+
+    def step_fn(batch, votes):
+        seen.append(votes.tolist())
+        return tf.constant(np.concatenate([[2.0, 1.0, 4.0], votes * [1, 1]]), tf.float32)
+
+    stop_signal = StopSignal()
+    assert loop._step(step_fn, iter([None]), stop_signal, "a step")[1] is None
+    stop_signal.received = "SIGINT"
+    totals, reason = loop._step(step_fn, iter([None]), stop_signal, "a step")
+    assert seen == [[0.0, 0.0], [0.0, 1.0]] and reason == "SIGINT"
+    assert (totals.loss, totals.accuracy) == (0.5, 0.25)
