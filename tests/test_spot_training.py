@@ -231,9 +231,9 @@ def test_auto_interval_keeps_saving_under_five_percent_of_step_time():
     assert checkpointer.interval() == 7
 
 
-def test_only_the_chief_host_writes_checkpoints(tmp_path):
+def test_a_host_without_a_store_saves_nothing_and_says_the_chief_writes():
     worker = checkpointing.Checkpointer(None, {}, _tiny_model(), 5, 1, checkpointing_on=True)
     worker.on_step_end(6)
     worker.on_epoch_end(1, 6)
     assert worker.on_stop(6) == "this host is not the chief; the chief host writes the checkpoint"
-    assert worker.saves == 0 and os.listdir(tmp_path) == []
+    assert worker.saves == 0  # the two-host run checks the worker's folders (test_distributed.py)

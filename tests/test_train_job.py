@@ -10,6 +10,7 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import tensorflow as tf
 from conftest import (
     FAST_HYPERPARAMETERS,
     TRAIN,
@@ -172,7 +173,17 @@ def test_bert_checkpoint_with_csv_jsonl_parquet_and_tfrecord_channels(tmp_path, 
     assert "format=jsonl+gzip" in result.stdout and "format=csv" in result.stdout
     assert "sample_prediction label=" not in result.stdout
     assert os.listdir(os.path.join(base, "spot-checkpoints")) == ["step-000000007"]  # ceil(50 / 8) steps
-    assert os.listdir(os.path.join(base, "output", "tensorboard")) == ["train", "validation"]
+    assert sorted(os.listdir(os.path.join(base, "output", "tensorboard"))) == ["train", "validation"]
+    # TensorBoard's own reader finds the epoch's metrics under Keras's names, equal to the log's.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged = re.search(r"^epoch=1 step=7 train_loss=(\S+) train_accuracy=(\S+) val_loss=(\S+) val_accuracy=(\S+) ",
+                       result.stdout, re.M)
+    for folder, values in (("train", logged.groups()[:2]), ("validation", logged.groups()[2:])):
+        events = EventAccumulator(os.path.join(base, "output", "tensorboard", folder)).Reload()
+        for tag, value in zip(("epoch_loss", "epoch_accuracy"), values):
+            [scalar] = events.Tensors(tag)
+            assert scalar.step == 0 and float(tf.make_ndarray(scalar.tensor_proto)) == pytest.approx(float(value), abs=5e-5)
     assert os.path.exists(os.path.join(base, "model", "tensorflow", "saved_model", "0", "saved_model.pb"))
 
 
