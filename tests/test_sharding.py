@@ -18,7 +18,8 @@ BATCH = 4
 
 @dataclasses.dataclass
 class FakeTopology:
-    """A worker's view of the job; sum_over_workers answers the two sums sharding asks for."""
+    """A worker's view of the job. Sharding sums one vector over the workers: each worker's rows at
+    its own index (zeros elsewhere), which adds up to every worker's rows."""
 
     num_workers: int
     worker_index: int
@@ -30,9 +31,8 @@ class FakeTopology:
         return self.num_workers * self.local_replicas
 
     def sum_over_workers(self, values):
-        if len(values) == 1:  # every worker's row count
-            return [sum(self.rows_per_worker)]
-        return list(self.rows_per_worker)  # a one-hot vector of rows per worker
+        assert list(values) == [r if i == self.worker_index else 0 for i, r in enumerate(self.rows_per_worker)]
+        return list(self.rows_per_worker)
 
 
 def channel_of(tmp_path, name, numbers, files):
@@ -48,22 +48,23 @@ def channel_of(tmp_path, name, numbers, files):
     return data.scan_channel(name, str(folder), SPEC, 0.0)
 
 
-def first_pass(channel, shard):
-    """The example numbers of each step of this worker's first pass: [[replica 0's, replica 1's, ...], ...]."""
-    stream = data.make_training_stream(channel, SPEC, None, BATCH, seed=5, shard=shard)
-    elements = [x["token_ids"][:, 0].numpy().tolist()
-                for x, _ in stream.take(shard.steps_per_pass(BATCH) * shard.local_replicas)]
+def first_pass(channel, shard, start_step=0):
+    """The example numbers of each step of the job's first pass on this worker: [[replica 0's, ...], ...]."""
+    stream = data.make_training_stream(channel, SPEC, None, BATCH, seed=5, start_step=start_step, shard=shard)
+    steps = shard.steps_per_pass(BATCH) - start_step
+    elements = [x["token_ids"][:, 0].numpy().tolist() for x, _ in stream.take(steps * shard.local_replicas)]
     return [elements[i:i + shard.local_replicas] for i in range(0, len(elements), shard.local_replicas)]
 
 
 @pytest.mark.parametrize("files", [1, 2, 3])
 @pytest.mark.parametrize("workers", [2, 3])
 def test_fully_replicated_every_example_is_read_once_per_pass_across_the_workers(tmp_path, files, workers):
-    channel = channel_of(tmp_path, "train", range(37), files)
-    shards = [sharding.for_training(channel, FakeTopology(workers, w, 1, [37] * workers), "FullyReplicated")
+    channel = channel_of(tmp_path, "train", range(37), files)  # files of 1, 2, 3 parts: unequal shares
+    shards = [sharding.for_training(channel, FakeTopology(workers, w, 1, None), "FullyReplicated")
               for w in range(workers)]
     assert {s.by for s in shards} == {"file" if files >= workers else "record"}
-    assert all(s.job_rows == 37 for s in shards)
+    assert {s.job_rows for s in shards} == {37}
+    assert len({s.steps_per_pass(BATCH) for s in shards}) == 1  # the workers step together
     read = collections.Counter(n for s in shards for step in first_pass(channel, s) for replica in step for n in replica)
     assert read == collections.Counter(range(37))
     if files >= workers:  # whole files, dealt so that no two workers share one
@@ -71,19 +72,22 @@ def test_fully_replicated_every_example_is_read_once_per_pass_across_the_workers
 
 
 @pytest.mark.parametrize("files", [1, 2, 3])
-def test_sharded_by_s3_key_each_host_reads_all_of_its_own_files(tmp_path, files):
+def test_sharded_by_s3_key_each_host_reads_all_of_its_own_files_once_per_pass(tmp_path, files):
     channels = [channel_of(tmp_path, f"host-{w}", range(w * 100, w * 100 + 20 + 7 * w), files) for w in range(2)]
     rows = [c.good_rows for c in channels]
     shards = [sharding.for_training(c, FakeTopology(2, w, 1, rows), "ShardedByS3Key") for w, c in enumerate(channels)]
     assert [s.by for s in shards] == ["channel", "channel"] and [s.job_rows for s in shards] == [47, 47]
-    read = collections.Counter(n for c, s in zip(channels, shards) for step in first_pass(c, s) for r in step for n in r)
+    passes = [first_pass(c, s) for c, s in zip(channels, shards)]
+    assert [len(p) for p in passes] == [7, 7]  # ceil(27 / 4): the host with 20 rows ends with 2 empty steps
+    assert [len(step[0]) for step in passes[0]] == [4, 4, 4, 4, 4, 0, 0]
+    read = collections.Counter(n for p in passes for step in p for replica in step for n in replica)
     assert read == collections.Counter([*range(20), *range(100, 127)])
 
 
 def test_record_sharding_gives_each_step_the_examples_of_a_one_worker_step_with_the_global_batch(tmp_path):
     channel = channel_of(tmp_path, "train", range(45), 1)
     # Two workers with two replicas each: the global batch is 4 x 4 = 16.
-    shards = [sharding.for_training(channel, FakeTopology(2, w, 2, [45, 45]), "FullyReplicated") for w in range(2)]
+    shards = [sharding.for_training(channel, FakeTopology(2, w, 2, None), "FullyReplicated") for w in range(2)]
     global_batches = one_worker_steps(channel, 16)
     passes = [first_pass(channel, s) for s in shards]
     assert [len(p) for p in passes] == [3, 3]  # ceil(45 / 16) steps on every worker
@@ -103,7 +107,14 @@ def one_worker_steps(channel, global_batch):
 def test_evaluation_with_sharded_by_s3_key_steps_as_long_as_the_worker_with_most_rows(tmp_path):
     channels = [channel_of(tmp_path, f"host-{w}", range(w * 100, w * 100 + n), 1) for w, n in enumerate((9, 30))]
     shards = [sharding.for_evaluation(c, FakeTopology(2, w, 1, [9, 30]), "ShardedByS3Key") for w, c in enumerate(channels)]
-    assert [s.evaluation_steps(BATCH) for s in shards] == [8, 8]  # ceil(30 / 4) for both
+    assert [s.steps_per_pass(BATCH) for s in shards] == [8, 8]  # ceil(30 / 4) for both
     small = data.make_dataset(channels[0], SPEC, None, BATCH, endless=True, shard=shards[0])
     sizes = [int(y.shape[0]) for _, y in small.take(8)]
     assert sizes == [4, 4, 1, 0, 0, 0, 0, 0]  # its 9 rows, then empty batches in step with the other worker
+
+
+def test_a_sharded_multi_replica_stream_resumed_at_a_step_reads_what_the_uninterrupted_one_did(tmp_path):
+    channel = channel_of(tmp_path, "train", range(45), 1)
+    shard = sharding.for_training(channel, FakeTopology(2, 1, 2, None), "FullyReplicated")  # worker 1 of 2
+    uninterrupted = first_pass(channel, shard)
+    assert first_pass(channel, shard, start_step=2) == uninterrupted[2:]

@@ -4,7 +4,6 @@ and how TensorFlow's errors are reported (the multi-host runs are in test_distri
 import json
 import os
 
-import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import (
@@ -15,10 +14,8 @@ from conftest import (
     read_failure,
     run_train,
 )
-from review_trainer import topology, train
-from review_trainer.errors import HyperparameterError, ResourceError
-from review_trainer.stopping import StopSignal
-from review_trainer.training_loop import TrainingLoop
+from review_trainer import topology
+from review_trainer.errors import HyperparameterError
 
 
 @pytest.mark.parametrize("distribution, hosts, gpus, kind, reason", [
@@ -28,7 +25,8 @@ from review_trainer.training_loop import TrainingLoop
     ("auto", 2, 8, "multi_worker", "auto: 2 hosts in resourceconfig.json"),
     ("multi_worker", 1, 0, "multi_worker", "distribution=multi_worker"),
     ("mirrored", 1, 0, "mirrored", "distribution=mirrored"),
-    ("none", 3, 0, "none", "distribution=none on 3 hosts: only the chief trains, the other hosts stop at once"),
+    ("none", 3, 0, "none", "distribution=none on 3 hosts: only the chief trains (with ShardedByS3Key, on its own "
+                           "files only), the other hosts stop at once"),
 ])
 def test_the_strategy_follows_distribution_hosts_and_gpus(distribution, hosts, gpus, kind, reason):
     chosen, why = topology.choose(distribution, hosts, gpus)
@@ -77,34 +75,8 @@ def test_a_lost_host_is_named_from_tensorflows_task_index():
                                 "is aborted by: Error reported from /job:worker/task:1")
     with pytest.raises(tf.errors.UnavailableError), one_device().collectives("a step"):  # one worker: not a host
         raise error
-
-
-def test_out_of_memory_in_a_step_is_a_resource_error_with_the_per_replica_batch():
-    loop = TrainingLoop.__new__(TrainingLoop)
-    loop.topology, loop.per_replica_batch = one_device(), 48
-
-    def step_fn(batch, votes):
-        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[48,12,64,64]")
-
-    with pytest.raises(ResourceError, match="out of memory during training step 3 with 48 examples per replica "
-                                            r"\(OOM when allocating tensor with shape\[48,12,64,64\]\); lower train_batch_size"):
-        loop._step(step_fn, iter([None]), StopSignal(), "training step 3")
-    kind, message, exit_code = train.describe_failure(tf.errors.ResourceExhaustedError(None, None, "OOM"))
-    assert (kind, exit_code) == ("ResourceError", 5) and message.startswith("out of memory (ResourceExhaustedError)")
-
-
-def test_stop_votes_say_which_signal_this_host_received():
-    seen = []
-    loop = TrainingLoop.__new__(TrainingLoop)
-    loop.topology, loop.per_replica_batch = one_device(), 8
-
-    def step_fn(batch, votes):
-        seen.append(votes.tolist())
-        return tf.constant(np.concatenate([[2.0, 1.0, 4.0], votes * [1, 1]]), tf.float32)
-
-    stop_signal = StopSignal()
-    assert loop._step(step_fn, iter([None]), stop_signal, "a step")[1] is None
-    stop_signal.received = "SIGINT"
-    totals, reason = loop._step(step_fn, iter([None]), stop_signal, "a step")
-    assert seen == [[0.0, 0.0], [0.0, 1.0]] and reason == "SIGINT"
-    assert (totals.loss, totals.accuracy) == (0.5, 0.25)
+    timed_out = two_workers.lost_host(tf.errors.DeadlineExceededError(None, None, "Collective timed out"), "a step")
+    assert "lost contact with another host (none named by TensorFlow) (a collective outlasted its timeout" in str(timed_out)
+    own_error = tf.errors.InternalError(None, None, "cuDNN launch failure")  # this host's own: not a lost host
+    with pytest.raises(tf.errors.InternalError), two_workers.collectives("a step"):
+        raise own_error

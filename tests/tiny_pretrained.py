@@ -56,10 +56,8 @@ def make_distilbert(path, seed=0, hidden=HIDDEN, layers=LAYERS, heads=HEADS, int
         "model_type": "distilbert", "architectures": ["DistilBertModel"], "vocab_size": len(vocab),
         "dim": hidden, "n_layers": layers, "n_heads": heads, "hidden_dim": intermediate,
         "dropout": dropout, "attention_dropout": dropout, "max_position_embeddings": POSITIONS,
-        "activation": "gelu", "pad_token_id": 0,
+        "activation": "gelu", "pad_token_id": 0, "seq_classif_dropout": dropout,
     }
-    if dropout != 0.1:
-        config["seq_classif_dropout"] = dropout
     weights = {
         "distilbert.embeddings.word_embeddings.weight": rng.normal(0, 0.02, (len(vocab), hidden)).astype(np.float32),
         "distilbert.embeddings.position_embeddings.weight": rng.normal(0, 0.02, (POSITIONS, hidden)).astype(np.float32),

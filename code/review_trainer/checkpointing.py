@@ -49,7 +49,8 @@ def fingerprint(hp, train_channel, pretrained_checkpoint, precision, topology):
     # The data each step reads and the global batch follow from these (train_batch_size is per replica).
     components["workers"] = str(topology.num_workers)
     components["replicas"] = str(topology.replicas)
-    components["pretrained weights sha256"] = sha256_file(os.path.join(pretrained_checkpoint.path, "model.safetensors"))
+    for name in ("config.json", "model.safetensors"):  # the config holds the dropout rates
+        components[f"pretrained {name} sha256"] = sha256_file(os.path.join(pretrained_checkpoint.path, name))
     for f in train_channel.files:
         components[f"train file {os.path.basename(f.path)} sha256"] = f.sha256
     return components
@@ -215,8 +216,11 @@ def resume(store, model, fingerprint_, topology, total_steps, print_fn=print):
                 "start fresh"
             )
         elif saved is not None:
-            restore(model, saved)
-    decision = np.array([2 if error else 1 if saved else 0, saved.global_step if saved and not error else 0])
+            try:
+                restore(model, saved)
+            except CheckpointError as shapes_differ:  # the other hosts are told below, then it is raised
+                error = shapes_differ
+    decision = np.array([2 if error else 1 if saved else 0, 0 if error or not saved else saved.global_step])
     if topology.num_workers > 1:
         decision = topology.broadcast_from_chief([decision])[0]
         if decision[0] == 1:

@@ -10,9 +10,9 @@ it, and it is the only place that creates a strategy. `distribution`:
 
 Several hosts: TF_CONFIG is built from resourceconfig.json (hosts sorted, worker index = position in
 that list, port 2222 on every host; worker 0 is the chief). Before the strategy exists, every host
-must resolve and answer on that port within `host_wait_seconds`; the strategy is created in a
-helper thread meanwhile, because TensorFlow's own wait for the other hosts has no bound and holds
-the main thread (a SIGTERM would not be handled). Collectives time out after
+must resolve and answer on that port within `host_wait_seconds` (TensorFlow's own wait for the
+other hosts has no bound on the chief). The collectives of the start (a barrier after the data
+scan, the row counts, the resumed state) wait as long; those of training time out after
 `collective_timeout_seconds`, and a lost host (TensorFlow's heartbeats find one in about 10 s)
 ends every other worker with a ClusterError naming it.
 """
@@ -42,6 +42,7 @@ class Topology:
     hosts: tuple  # the job's hosts, sorted: worker i runs on hosts[i]
     worker_index: int
     num_workers: int  # hosts that train together: len(hosts) for multi_worker, else 1
+    wait_seconds: int = 300  # the bound of the start's collectives: host_wait_seconds
 
     @classmethod
     def set_up(cls, env, hp):
@@ -54,7 +55,7 @@ class Topology:
         kind, reason = choose(hp.distribution, len(hosts), len(gpus))
         if kind == MULTI_WORKER:
             strategy = start_multi_worker(hosts, worker_index, hp.host_wait_seconds, hp.collective_timeout_seconds)
-            return cls(strategy, kind, reason, hosts, worker_index, len(hosts))
+            return cls(strategy, kind, reason, hosts, worker_index, len(hosts), hp.host_wait_seconds)
         if kind == MIRRORED:
             devices = [d.name for d in tf.config.list_logical_devices("GPU" if gpus else "CPU")]
             strategy = tf.distribute.MirroredStrategy(devices)
@@ -97,19 +98,28 @@ class Topology:
         """The strategy's per-worker dataset: make_dataset() is this worker's stream of per-replica batches."""
         return self.strategy.distribute_datasets_from_function(lambda _context: make_dataset())
 
+    def barrier(self, what):
+        """Waits (at most host_wait_seconds) until every worker is done with `what`: hosts scan
+        data of different sizes, and the first collective of training would time out sooner."""
+        self._all_reduce([np.ones(1)], lambda replica: True, f"the wait for every host to finish {what}")
+
     def sum_over_workers(self, values):
         """The element-wise sum of each worker's values (numbers), on every worker."""
-        return self._all_reduce([np.asarray(values)], lambda replica: replica % self.local_replicas == 0)[0]
+        return self._all_reduce([np.asarray(values)], lambda replica: replica % self.local_replicas == 0,
+                                "the exchange of row counts")[0]
 
     def broadcast_from_chief(self, arrays):
         """The chief's arrays on every worker: an all-reduce to which only the chief contributes."""
-        return self._all_reduce([np.asarray(a) for a in arrays], lambda replica: replica == 0)
+        return self._all_reduce([np.asarray(a) for a in arrays], lambda replica: replica == 0,
+                                "the broadcast of the resumed state")
 
-    def _all_reduce(self, arrays, contributes):
+    def _all_reduce(self, arrays, contributes, what):
         """Sums over the replicas for which contributes(replica id) holds (exact: the others add zeros)."""
         if self.num_workers == 1:
             return arrays
         import tensorflow as tf
+
+        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=self.wait_seconds)
 
         def as_tensor(a):  # collectives take floats and 64-bit integers
             return tf.constant(a if np.issubdtype(a.dtype, np.floating) else a.astype(np.int64))
@@ -119,11 +129,11 @@ class Topology:
             def replica_fn(tensors):
                 context = tf.distribute.get_replica_context()
                 keep = contributes(context.replica_id_in_sync_group)
-                return [context.all_reduce(tf.distribute.ReduceOp.SUM, tf.where(keep, t, tf.zeros_like(t)))
-                        for t in tensors]
+                return [context.all_reduce(tf.distribute.ReduceOp.SUM, tf.where(keep, t, tf.zeros_like(t)),
+                                           options=options) for t in tensors]
             return self.strategy.experimental_local_results(self.strategy.run(replica_fn, args=(tensors,)))[0]
 
-        with self.collectives("the start of training"):
+        with self.collectives(what):
             reduced = reduce([as_tensor(a) for a in arrays])
         return [r.numpy().astype(a.dtype) for r, a in zip(reduced, arrays)]
 
@@ -136,17 +146,24 @@ class Topology:
             yield
         except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
                 tf.errors.AbortedError, tf.errors.InternalError) as error:
-            if self.num_workers == 1:
+            # Unavailable and DeadlineExceeded are the network's; the others only when they name a task
+            # or a collective (an XLA or cuDNN failure is this host's own error).
+            network = isinstance(error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError))
+            if self.num_workers == 1 or not (network or re.search(r"task:\d+|[Cc]ollective", str(error))):
                 raise
             raise self.lost_host(error, what) from error
 
     def lost_host(self, error, what):
+        import tensorflow as tf
+
         message = re.sub(r"\{\{[^}]*\}\}\s*", "", str(getattr(error, "message", error))).strip()
         first_line = message.splitlines()[0][:300] if message else ""
         tasks = sorted({int(t) for t in re.findall(r"task:(\d+)", str(error))} - {self.worker_index})
         lost = [self.hosts[t] for t in tasks if t < len(self.hosts)]
         who = (f"lost host {', '.join(lost)}" if lost
                else "lost contact with another host (none named by TensorFlow)")
+        if isinstance(error, tf.errors.DeadlineExceededError):
+            who += " (a collective outlasted its timeout: collective_timeout_seconds during training)"
         return ClusterError(
             f"{self.current_host} {who} during {what} ({type(error).__name__}: {first_line}). The lost host's "
             "own log and failure file say why it stopped; a host that vanished was probably reclaimed. "
@@ -168,8 +185,8 @@ def choose(distribution, num_hosts, num_gpus):
             "set distribution=multi_worker (or auto) to train on all of them, or use one instance"
         )
     if distribution == NONE and num_hosts > 1:
-        return NONE, (f"distribution=none on {num_hosts} hosts: only the chief trains, the other hosts "
-                      "stop at once (set distribution=auto to train on all of them)")
+        return NONE, (f"distribution=none on {num_hosts} hosts: only the chief trains (with ShardedByS3Key, on "
+                      "its own files only), the other hosts stop at once (set distribution=auto to train on all of them)")
     return distribution, f"distribution={distribution}"
 
 
@@ -194,7 +211,7 @@ def start_multi_worker(hosts, worker_index, wait_seconds, collective_timeout_sec
         f"host(s) {', '.join(late)} did not resolve within host_wait_seconds={wait_seconds}: "
         f"{hosts[worker_index]} cannot reach them by name. The instances may not have started, or the "
         "job's network (VPC, security group) does not let its hosts see each other"))
-    with socket.create_server(("", PORT), reuse_port=False) as listener:
+    with socket.create_server(("", PORT)) as listener:
         listener.settimeout(_POLL_SECONDS)
         peers = [host for i, host in enumerate(hosts) if i != worker_index]
         _wait(peers, lambda host: not _answers(host, PORT, listener), deadline, lambda late: ClusterError(
@@ -207,6 +224,8 @@ def start_multi_worker(hosts, worker_index, wait_seconds, collective_timeout_sec
     # which would hide the signal from the job: the handlers in place now are put back.
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
+        # A timeout makes TensorFlow watch each collective with a thread of its own: microseconds
+        # against the milliseconds of a step.
         options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=collective_timeout_seconds)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     except tf.errors.OpError as error:

@@ -14,7 +14,6 @@ errors.py. Training runs in this process, which handles SIGTERM itself (stopping
 """
 
 import errno
-import math
 import os
 import sys
 import traceback
@@ -85,13 +84,16 @@ def run(env, stop_signal):
         if not is_wanted:
             print(f"channel={name} skipped: run_{name}=false")
             continue
+        if name == "test" and not topology.is_chief:
+            print(f"channel=test skipped: the chief host {topology.hosts[0]} evaluates the test channel")
+            continue
         channels[name] = data.scan_channel(name, env.channel_dirs[name], spec, hp.max_bad_row_fraction)
         for line in data.describe(channels[name]):
             print(line)
+    topology.barrier("the data scan")
     train_shard = sharding.for_training(channels["train"], topology, env.channel_distribution["train"])
     print(f"channel=train {train_shard.describe()}")
-    global_batch = hp.train_batch_size * topology.replicas
-    steps_per_epoch = hp.train_steps_per_epoch or math.ceil(train_shard.job_rows / global_batch)
+    steps_per_epoch = hp.train_steps_per_epoch or train_shard.steps_per_pass(hp.train_batch_size)
     total_steps = hp.epochs * steps_per_epoch
     validation = None
     if "validation" in channels:
@@ -99,7 +101,8 @@ def run(env, stop_signal):
         batches = topology.distribute(lambda: data.make_dataset(
             channels["validation"], spec, tokenizer, hp.validation_batch_size,
             repeat=hp.validation_steps is not None, endless=True, shard=shard))
-        validation = (batches, hp.validation_steps or shard.evaluation_steps(hp.validation_batch_size))
+        validation = (batches, hp.validation_steps or shard.steps_per_pass(hp.validation_batch_size))
+        print(f"channel=validation {shard.describe()}")
 
     # 4. model, resume, training: built, compiled and restored in the strategy's scope
     checkpointing_on = hp.enable_checkpointing or env.checkpoint_config_present
@@ -122,7 +125,8 @@ def run(env, stop_signal):
         hooks.append(TensorBoardLog(env.tensorboard_dir))
     train_batches = topology.distribute(lambda: data.make_training_stream(
         channels["train"], spec, tokenizer, hp.train_batch_size, hp.seed, start_step=global_step, shard=train_shard))
-    loop = TrainingLoop(topology, model, jit_compile=jit_compile, per_replica_batch=hp.train_batch_size)
+    loop = TrainingLoop(topology, model, jit_compile=jit_compile, batch_sizes={
+        "train_batch_size": hp.train_batch_size, "validation_batch_size": hp.validation_batch_size})
     print(f"training: {hp.epochs} epoch(s) of {steps_per_epoch} steps from step {global_step}, "
           f"{model.count_params():,} parameters ({'encoder frozen' if hp.freeze_bert_layer else 'all trainable'})")
     with stop_signal.deferred():

@@ -46,13 +46,13 @@ class Totals:
 
 
 class TrainingLoop:
-    def __init__(self, topology, model, *, jit_compile, per_replica_batch):
+    def __init__(self, topology, model, *, jit_compile, batch_sizes):
         import keras
         import tensorflow as tf
 
         self.topology = topology
         self.model = model
-        self.per_replica_batch = per_replica_batch
+        self.batch_sizes = batch_sizes  # {"train_batch_size": n, "validation_batch_size": n}: per replica
         self._loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
         # XLA compiles the replica's own computation; the collectives stay outside it.
         self._forward_backward = tf.function(self._forward_backward_fn, jit_compile=jit_compile)
@@ -65,6 +65,7 @@ class TrainingLoop:
         return self.topology.strategy.experimental_local_results(outputs)[0]  # the same on every replica
 
     def _train_replica(self, batch, votes):
+        import keras
         import tensorflow as tf
 
         features, labels = batch
@@ -72,9 +73,24 @@ class TrainingLoop:
         examples = tf.cast(tf.shape(labels)[0], tf.float32)
         job_examples = context.all_reduce(tf.distribute.ReduceOp.SUM, examples)
         gradients, loss_sum, correct = self._forward_backward(features, labels, job_examples)
-        optimizer = self.model.optimizer
-        optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
+        if isinstance(self.model.optimizer, keras.optimizers.LossScaleOptimizer):
+            gradients = self._non_finite_everywhere_if_anywhere(gradients, context)
+        self.model.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
         return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat([[loss_sum, correct, examples], votes], 0))
+
+    @staticmethod
+    def _non_finite_everywhere_if_anywhere(gradients, context):
+        """float16: Keras's LossScaleOptimizer decides to skip a step (and lower the scale) from each
+        worker's first replica's own gradients, before they are summed; an overflow on another
+        replica would then reach the weights (or one worker would skip and the other not, and
+        hang). One non-finite gradient anywhere makes every replica's non-finite: one decision."""
+        import tensorflow as tf
+
+        present = [g for g in gradients if g is not None]
+        non_finite = tf.add_n([tf.reduce_sum(tf.cast(~tf.math.is_finite(g), tf.float32)) for g in present])
+        anywhere = context.all_reduce(tf.distribute.ReduceOp.SUM, non_finite) > 0
+        poison = tf.where(anywhere, float("nan"), 0.0)
+        return [None if g is None else g + tf.cast(poison, g.dtype) for g in gradients]
 
     def _forward_backward_fn(self, features, labels, job_examples):
         import tensorflow as tf
@@ -103,7 +119,7 @@ class TrainingLoop:
         predicted = tf.argmax(logits, axis=-1, output_type=labels.dtype)
         return tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.float32))
 
-    def _step(self, step_fn, iterator, stop_signal, what):
+    def _step(self, step_fn, iterator, stop_signal, what, batch_size_name="train_batch_size"):
         """Runs one step; returns (Totals, stop reason or None) as every worker sees them."""
         import tensorflow as tf
 
@@ -113,8 +129,8 @@ class TrainingLoop:
                 sums = step_fn(next(iterator), votes).numpy()
         except tf.errors.ResourceExhaustedError as error:
             raise ResourceError(
-                f"out of memory during {what} with {self.per_replica_batch} examples per replica "
-                f"({error.message.strip().splitlines()[0][:200]}); lower train_batch_size (per replica) "
+                f"out of memory during {what} with {batch_size_name}={self.batch_sizes[batch_size_name]} "
+                f"examples per replica ({error.message.strip().splitlines()[0][:200]}); lower {batch_size_name} "
                 "or max_seq_length, or use an instance with more memory"
             ) from error
         totals = Totals(float(sums[0]), float(sums[1]), float(sums[2]))
@@ -165,7 +181,7 @@ class TrainingLoop:
         iterator = iter(batches)
         evaluated = Totals()
         for _ in range(steps):
-            totals, reason = self._step(self._eval_step, iterator, stop_signal, what)
+            totals, reason = self._step(self._eval_step, iterator, stop_signal, what, "validation_batch_size")
             evaluated.add(totals)
             if reason:
                 return evaluated, reason

@@ -63,9 +63,16 @@ def two_hosts(data_dir, pretrained, hyperparameters):
     names = ["algo-1", "algo-2"]
     bases = {host: opt_ml(root, data_dir, hyperparameters, names, host) for host in names}
     with Hosts(2) as hosts:
-        jobs = {host: hosts.start(host, [TRAIN], env_for(base, pretrained), stdout=subprocess.PIPE, text=True)
-                for host, base in bases.items()}
-        logs = {host: job.communicate()[0] for host, job in jobs.items()}
+        jobs = {}
+        for host, base in bases.items():
+            with open(os.path.join(root, f"{host}.log"), "w") as log:
+                jobs[host] = hosts.start(host, [TRAIN], env_for(base, pretrained), stdout=log)
+        for job in jobs.values():
+            job.wait()
+    logs = {}
+    for host in bases:
+        with open(os.path.join(root, f"{host}.log")) as f:
+            logs[host] = f.read()
     shutil.rmtree(root)
     if any(job.returncode for job in jobs.values()):
         sys.exit(f"the two-host job failed:\n{logs['algo-1'][-3000:]}\n{logs['algo-2'][-3000:]}")

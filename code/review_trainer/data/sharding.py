@@ -6,6 +6,10 @@ being elements n*r ... n*r + r - 1 (r: the worker's replicas): that is how the s
 files is shuffled, cut into groups of `batch_size * group_replicas` examples, and each group into
 per-replica slices (the last group of a pass is smaller; a replica's slice may then be empty).
 
+A pass over the job has as many steps as the worker with the most rows needs: a worker with
+fewer rows ends its pass with empty batches, so that every example is trained on once per pass
+(and per epoch), wherever it lives, and all workers step together.
+
 - `channel`: the worker reads all of its channel. One worker; or `ShardedByS3Key`, where SageMaker
   has already given each host its own files.
 - `file` (FullyReplicated, at least as many files with rows as workers): the files are dealt to
@@ -13,9 +17,8 @@ per-replica slices (the last group of a pass is smaller; a replica's slice may t
   exactly one worker per pass and the workers' rows stay close.
 - `record` (FullyReplicated, fewer files than workers): every worker reads the channel in the same
   shuffled order, cuts it into global batches (`batch_size` x all replicas) and keeps its own
-  replicas' slices. Each example is trained on once per pass, and step n holds exactly the
-  examples of step n of a one-worker job with the global batch size. Every worker tokenizes
-  the whole channel, which costs CPU, not accuracy.
+  replicas' slices. Step n then holds exactly the examples of step n of a one-worker job with the
+  global batch size. Every worker tokenizes the whole channel, which costs CPU, not accuracy.
 """
 
 import dataclasses
@@ -32,62 +35,72 @@ class Shard:
     local_replicas: int = 1
     group_replicas: int = 1  # replicas that share one group: this worker's, or the job's (record)
     first_slice: int = 0  # this worker's first replica within a group
-    job_rows: int = 0  # rows of one pass over the whole job's data (every worker's files)
-    worker_rows: tuple = ()  # rows each worker reads in a pass, where they may differ (ShardedByS3Key)
+    worker_rows: tuple = ()  # the rows each group of replicas reads in a pass: per worker, or one for record
     reason: str = ""
 
     @property
     def rows(self):
         return sum(f.good_rows for f in self.files)
 
-    def describe(self):
-        return (f"sharding={self.by} files={len(self.files)} rows={self.rows} job_rows={self.job_rows} "
-                f"reason={self.reason}")
+    @property
+    def job_rows(self):
+        """Rows of one pass over the job's data (every worker's files)."""
+        return self.rows if self.by == RECORD else sum(self.worker_rows)
 
     def steps_per_pass(self, batch_size):
-        """Steps in one pass over this worker's files (its last group may be smaller)."""
-        return math.ceil(self.rows / (batch_size * self.group_replicas))
+        """Steps of one pass over the job: those of the worker with the most rows."""
+        return max(math.ceil(rows / (batch_size * self.group_replicas)) for rows in self.worker_rows)
 
-    def evaluation_steps(self, batch_size):
-        """Steps for every worker to read all of its rows: those of the worker with the most."""
-        return max(math.ceil(rows / (batch_size * self.group_replicas)) for rows in self.worker_rows or (self.rows,))
+    def describe(self):
+        rows_per_worker = "" if len(set(self.worker_rows)) <= 1 else \
+            f" rows_per_worker={','.join(map(str, self.worker_rows))} (fewer rows: empty batches end the pass)"
+        return (f"sharding={self.by} files={len(self.files)} rows={self.rows} job_rows={self.job_rows}"
+                f"{rows_per_worker} reason={self.reason}")
 
 
 def whole(channel, local_replicas=1):
-    """All of the channel for this worker, its replicas sharing each group."""
-    return Shard(CHANNEL, tuple(channel.files), local_replicas, local_replicas, job_rows=channel.good_rows)
+    """All of the channel for the only worker, its replicas sharing each group."""
+    return Shard(CHANNEL, tuple(channel.files), local_replicas, local_replicas, worker_rows=(channel.good_rows,))
 
 
 def for_training(channel, topology, distribution_type):
     """This worker's part of the training channel, and why it was chosen."""
-    workers, local = topology.num_workers, topology.local_replicas
+    workers = topology.num_workers
     if workers == 1:
-        return dataclasses.replace(whole(channel, local), reason="one worker reads the whole channel")
+        return dataclasses.replace(whole(channel, topology.local_replicas), reason="one worker reads the whole channel")
     if distribution_type == SHARDED_BY_S3_KEY:
-        job_rows = int(topology.sum_over_workers([channel.good_rows])[0])
-        return dataclasses.replace(whole(channel, local), job_rows=job_rows,
-                                   reason="S3DistributionType=ShardedByS3Key: SageMaker gave each host its own files")
+        return _own_files(channel, topology)
     with_rows = [f for f in channel.files if f.good_rows]
     if len(with_rows) >= workers:
-        return Shard(FILE, deal_files(with_rows, workers)[topology.worker_index], local, local, job_rows=channel.good_rows,
+        shares = deal_files(with_rows, workers)
+        return Shard(FILE, shares[topology.worker_index], topology.local_replicas, topology.local_replicas,
+                     worker_rows=tuple(sum(f.good_rows for f in share) for share in shares),
                      reason=f"FullyReplicated with {len(with_rows)} files for {workers} workers: by file")
     return dataclasses.replace(
-        for_evaluation(channel, topology, FULLY_REPLICATED),
+        by_record(channel, topology),
         reason=f"FullyReplicated with {len(with_rows)} file(s) for {workers} workers: fewer files than workers, by record")
 
 
-def for_evaluation(channel, topology, distribution_type=FULLY_REPLICATED):
-    """Each example once across the job's replicas. FullyReplicated: by record, the same steps on
-    every worker. ShardedByS3Key: each worker its own files; a worker with fewer rows steps on with
-    empty batches (make_dataset's `endless`) until the one with the most is done."""
+def for_evaluation(channel, topology, distribution_type):
+    """Each example once across the job's replicas: by record, or each host its own files (ShardedByS3Key)."""
     if topology.num_workers > 1 and distribution_type == SHARDED_BY_S3_KEY:
-        one_hot = [channel.good_rows if i == topology.worker_index else 0 for i in range(topology.num_workers)]
-        worker_rows = tuple(int(r) for r in topology.sum_over_workers(one_hot))
-        return dataclasses.replace(whole(channel, topology.local_replicas), job_rows=sum(worker_rows),
-                                   worker_rows=worker_rows, reason="ShardedByS3Key: each host its own files")
+        return _own_files(channel, topology)
+    return by_record(channel, topology)
+
+
+def by_record(channel, topology):
+    """Every worker reads the whole channel and keeps its replicas' slices of each global batch."""
     return Shard(RECORD, tuple(channel.files), topology.local_replicas, topology.replicas,
-                 first_slice=topology.worker_index * topology.local_replicas, job_rows=channel.good_rows,
-                 reason="by record")
+                 first_slice=topology.worker_index * topology.local_replicas,
+                 worker_rows=(channel.good_rows,), reason="by record")
+
+
+def _own_files(channel, topology):
+    """ShardedByS3Key: this host's files; the hosts tell each other their rows (a collective)."""
+    one_hot = [channel.good_rows if i == topology.worker_index else 0 for i in range(topology.num_workers)]
+    worker_rows = tuple(int(rows) for rows in topology.sum_over_workers(one_hot))
+    return dataclasses.replace(whole(channel, topology.local_replicas), worker_rows=worker_rows,
+                               reason="S3DistributionType=ShardedByS3Key: SageMaker gave each host its own files")
 
 
 def deal_files(files, num_workers):

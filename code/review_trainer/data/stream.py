@@ -24,8 +24,7 @@ def make_dataset(channel, spec, tokenizer, batch_size, *, repeat=False, endless=
     if repeat:
         dataset = dataset.repeat()
     elif endless:
-        nothing = tf.zeros([0, spec.max_seq_length], tf.int32)
-        dataset = dataset.concatenate(tf.data.Dataset.from_tensors((nothing, nothing, tf.zeros([0], tf.int32))).repeat())
+        dataset = dataset.concatenate(_empty_batches(spec))
     return dataset.map(_as_features).prefetch(tf.data.AUTOTUNE)
 
 
@@ -33,21 +32,23 @@ def make_training_stream(channel, spec, tokenizer, batch_size, seed, start_step=
     """The endless training stream of per-replica batches, from step `start_step` on.
 
     Pass p is this worker's files in an order and through a 10,000-example shuffle buffer seeded
-    by (seed, p); the stream is pass 0, pass 1, ... The batches of step n depend only on n, so a
-    job resumed at global step n reads exactly what an uninterrupted job would have read from step
-    n on. Epochs are cut from the stream by the loop.
+    by (seed, p), ended with empty batches when another worker has more rows (sharding.py); the
+    stream is pass 0, pass 1, ... The batches of step n depend only on n, so a job resumed at
+    global step n reads exactly what an uninterrupted job would have read from step n on.
     """
     import tensorflow as tf
 
     shard = shard or sharding.whole(channel)
-    first_pass, offset = divmod(start_step, shard.steps_per_pass(batch_size))
+    steps_per_pass = shard.steps_per_pass(batch_size)
+    first_pass, offset = divmod(start_step, steps_per_pass)
 
     @tf.autograph.experimental.do_not_convert  # plain Python that builds a dataset
     def one_pass(pass_index):
         examples = _examples(shard.files, spec, tokenizer, file_order_seed=(seed, pass_index))
         shuffle_seed = tf.constant(seed, tf.int64) * 1_000_003 + pass_index
         shuffled = examples.shuffle(_SHUFFLE_BUFFER, seed=shuffle_seed, reshuffle_each_iteration=False)
-        return _replica_batches(shuffled, shard, batch_size)
+        batches = _replica_batches(shuffled, shard, batch_size).concatenate(_empty_batches(spec))
+        return batches.take(steps_per_pass * shard.local_replicas)
 
     stream = tf.data.Dataset.range(first_pass, 1 << 62).flat_map(one_pass).skip(offset * shard.local_replicas)
     return stream.map(_as_features).prefetch(tf.data.AUTOTUNE)
@@ -68,6 +69,14 @@ def _replica_batches(examples, shard, batch_size):
         return tf.data.Dataset.range(count).map(replica_slice)
 
     return examples.batch(batch_size * shard.group_replicas).flat_map(slices)
+
+
+def _empty_batches(spec):
+    """Endless batches of no examples: a worker with fewer rows steps on with the others."""
+    import tensorflow as tf
+
+    nothing = tf.zeros([0, spec.max_seq_length], tf.int32)
+    return tf.data.Dataset.from_tensors((nothing, nothing, tf.zeros([0], tf.int32))).repeat()
 
 
 def _as_features(token_ids, padding_mask, label):

@@ -1,0 +1,127 @@
+"""The training loop's step: stop votes, out-of-memory errors, and a float16 step with loss scaling
+(the GPU default, which runs here on the CPU)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from review_trainer import train
+from review_trainer.errors import ResourceError
+from review_trainer.stopping import StopSignal
+from review_trainer.topology import Topology
+from review_trainer.training_loop import TrainingLoop
+
+
+def one_device():
+    return Topology(tf.distribute.get_strategy(), "none", "test", ("algo-1",), 0, 1)
+
+
+def loop_without_model(train_batch_size):
+    loop = TrainingLoop.__new__(TrainingLoop)  # _step needs no model
+    loop.topology, loop.batch_sizes = one_device(), {"train_batch_size": train_batch_size, "validation_batch_size": 64}
+    return loop
+
+
+def test_out_of_memory_in_a_step_is_a_resource_error_with_the_per_replica_batch():
+    loop = loop_without_model(48)
+
+    def step_fn(batch, votes):
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[48,12,64,64]")
+
+    with pytest.raises(ResourceError, match="out of memory during training step 3 with train_batch_size=48 examples "
+                                            r"per replica \(OOM when allocating tensor with shape\[48,12,64,64\]\); "
+                                            "lower train_batch_size or max_seq_length"):
+        loop._step(step_fn, iter([None]), StopSignal(), "training step 3")
+    with pytest.raises(ResourceError, match="during validation after step 9 with validation_batch_size=64 examples per "
+                                            r"replica .*; lower validation_batch_size"):
+        loop._step(step_fn, iter([None]), StopSignal(), "validation after step 9", "validation_batch_size")
+    kind, message, exit_code = train.describe_failure(tf.errors.ResourceExhaustedError(None, None, "OOM"))
+    assert (kind, exit_code) == ("ResourceError", 5) and message.startswith("out of memory (ResourceExhaustedError)")
+
+
+def test_stop_votes_say_which_signal_this_host_received():
+    seen = []
+    loop = loop_without_model(8)
+
+    def step_fn(batch, votes):
+        seen.append(votes.tolist())
+        return tf.constant(np.concatenate([[2.0, 1.0, 4.0], votes * [1, 1]]), tf.float32)
+
+    stop_signal = StopSignal()
+    assert loop._step(step_fn, iter([None]), stop_signal, "a step")[1] is None
+    stop_signal.received = "SIGINT"
+    totals, reason = loop._step(step_fn, iter([None]), stop_signal, "a step")
+    assert seen == [[0.0, 0.0], [0.0, 1.0]] and reason == "SIGINT"
+    assert (totals.loss, totals.accuracy) == (0.5, 0.25)
+
+
+FLOAT16_STEP = """
+import keras, numpy as np, tensorflow as tf
+from review_trainer.topology import Topology
+from review_trainer.training_loop import TrainingLoop
+keras.mixed_precision.set_global_policy("mixed_float16")
+inputs = keras.Input((4,), name="token_ids")
+model = keras.Model(inputs, keras.layers.Dense(3, dtype="float32")(keras.layers.Dense(8)(inputs)))
+model.compile(optimizer=keras.optimizers.Adam(learning_rate=0.01))
+model.optimizer.build(model.trainable_variables)
+before = [w.numpy().copy() for w in model.trainable_weights]
+loop = TrainingLoop(Topology(tf.distribute.get_strategy(), "none", "test", ("algo-1",), 0, 1), model,
+                    jit_compile=False, batch_sizes={"train_batch_size": 16})
+rng = np.random.default_rng(0)
+batch = (rng.normal(size=(16, 4)).astype("float32"), rng.integers(0, 3, 16).astype("int32"))
+sums = loop._train_step(batch, np.zeros(2, np.float32)).numpy()
+steps = [np.abs(w.numpy() - b) for w, b in zip(model.trainable_weights, before)]
+print(type(model.optimizer).__name__, sums[2], float(sums[0]), int(model.optimizer.iterations.numpy()),
+      float(np.median(np.concatenate([s.ravel() for s in steps]))))
+"""
+
+
+def test_a_float16_step_scales_the_loss_and_applies_unscaled_adam_steps():
+    result = subprocess.run([sys.executable, "-c", FLOAT16_STEP], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    optimizer, examples, loss_sum, iterations, median_step = result.stdout.split()
+    assert optimizer == "LossScaleOptimizer" and float(examples) == 16 and int(iterations) == 1
+    assert 0 < float(loss_sum) / 16 < 10  # a finite mean cross-entropy of 3 classes
+    # Adam's first step moves each weight by the learning rate (m / sqrt(v) = sign of the gradient):
+    # a skipped step (overflow) would leave them where they were.
+    assert float(median_step) == pytest.approx(0.01, rel=0.02)
+
+
+FLOAT16_OVERFLOW_ON_ONE_REPLICA = """
+import json, keras, numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from review_trainer.topology import Topology
+from review_trainer.training_loop import TrainingLoop
+keras.mixed_precision.set_global_policy("mixed_float16")
+strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+with strategy.scope():
+    inputs = keras.Input((4,), name="token_ids")
+    model = keras.Model(inputs, keras.layers.Dense(3, dtype="float32")(keras.layers.Dense(8)(inputs)))
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=0.01))
+    model.optimizer.build(model.trainable_variables)
+topology = Topology(strategy, "mirrored", "test", ("algo-1",), 0, 1)
+loop = TrainingLoop(topology, model, jit_compile=False, batch_sizes={"train_batch_size": 4})
+labels = np.zeros(4, np.int32)
+normal, huge = np.ones((4, 4), np.float32), np.full((4, 4), 1e6, np.float32)  # 1e6 overflows float16
+replica_batches = tf.data.Dataset.from_tensor_slices(([normal, huge], [labels, labels]))
+batch = next(iter(topology.distribute(lambda: replica_batches)))  # replica 0: normal, replica 1: huge
+before = [w.numpy().copy() for w in model.trainable_weights]
+loop._train_step(batch, np.zeros(2, np.float32))
+print(json.dumps({
+    "unchanged": all(bool((w.numpy() == b).all()) for w, b in zip(model.trainable_weights, before)),
+    "finite": all(bool(np.isfinite(w.numpy()).all()) for w in model.trainable_weights),
+    "scale": float(model.optimizer.dynamic_scale.numpy()),
+}))
+"""
+
+
+def test_float16_overflow_on_one_replica_skips_the_step_on_every_replica():
+    result = subprocess.run([sys.executable, "-c", FLOAT16_OVERFLOW_ON_ONE_REPLICA], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    # The loss scale starts at 2**15 and halves on a skipped step.
+    assert outcome == {"unchanged": True, "finite": True, "scale": 2.0 ** 14}
