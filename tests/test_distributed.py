@@ -242,7 +242,7 @@ def test_sigterm_to_one_host_stops_both_after_the_same_step_and_the_rerun_resume
 
 
 def test_a_lost_host_fails_the_other_within_the_bound_naming_it(tmp_path, two_hosts, deterministic_dir):
-    # ShardedByS3Key: each host has its own files (60 and 48 rows); both count 108 rows for the epoch.
+    # ShardedByS3Key: each host has its own files (60 and 48 rows); an epoch is the steps of the larger.
     trains = {"algo-1": {"a.tsv": amazon_tsv(TRAIN_ROWS[:60])}, "algo-2": {"b.tsv": amazon_tsv(TRAIN_ROWS[60:])}}
     # A long collective timeout: the loss must be found by TensorFlow's heartbeats, within seconds.
     bases = two_host_bases(str(tmp_path), {"epochs": "50", "collective_timeout_seconds": "600"}, trains)
@@ -259,8 +259,10 @@ def test_a_lost_host_fails_the_other_within_the_bound_naming_it(tmp_path, two_ho
     assert seconds < 60
     assert re.match(r"ClusterError: algo-1 lost host algo-2 during (training step \d+|validation after step \d+) ",
                     read_failure(bases["algo-1"])), read_failure(bases["algo-1"])
-    assert ("sharding=channel files=1 rows=60 job_rows=108 rows_per_worker=60,48 (fewer rows: empty batches end "
-            "the pass) reason=S3DistributionType=ShardedByS3Key") in results["algo-1"][1]
+    assert ("sharding=channel files=1 rows=60 job_rows=108 rows_per_worker=60,48 "
+            "reason=S3DistributionType=ShardedByS3Key") in results["algo-1"][1]
+    assert "rows=48 job_rows=108 rows_per_worker=60,48 (this worker ends each pass with empty batches)" in \
+        results["algo-2"][1]
     assert "training: 50 epoch(s) of 8 steps" in results["algo-1"][1]  # ceil(60 / 8): the host with more rows
     assert not os.path.exists(os.path.join(bases["algo-1"], "model", "tensorflow"))
 

@@ -125,3 +125,17 @@ def test_float16_overflow_on_one_replica_skips_the_step_on_every_replica():
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
     # The loss scale starts at 2**15 and halves on a skipped step.
     assert outcome == {"unchanged": True, "finite": True, "scale": 2.0 ** 14}
+
+
+def test_the_job_wide_skip_decision_keeps_an_embeddings_gradient_sparse():
+    def decide(gradients):
+        return tf.distribute.get_strategy().run(lambda: TrainingLoop._non_finite_everywhere_if_anywhere(
+            gradients, tf.distribute.get_replica_context()))
+
+    sparse = tf.IndexedSlices(tf.constant([[1.0, 2.0]]), tf.constant([3]), tf.constant([10, 2]))
+    kept = decide([sparse, None, tf.constant([1.0, 2.0])])
+    assert isinstance(kept[0], tf.IndexedSlices) and kept[1] is None
+    assert kept[0].values.numpy().tolist() == [[1.0, 2.0]] and kept[2].numpy().tolist() == [1.0, 2.0]
+    skipped = decide([sparse, None, tf.constant([1.0, float("inf")])])
+    assert isinstance(skipped[0], tf.IndexedSlices) and np.isnan(skipped[0].values.numpy()).all()
+    assert np.isnan(skipped[2].numpy()).all()

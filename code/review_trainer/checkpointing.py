@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import time
+import zipfile
 
 import keras
 import numpy as np
@@ -218,8 +219,11 @@ def resume(store, model, fingerprint_, topology, total_steps, print_fn=print):
         elif saved is not None:
             try:
                 restore(model, saved)
-            except CheckpointError as shapes_differ:  # the other hosts are told below, then it is raised
-                error = shapes_differ
+            except CheckpointError as unusable:  # the other hosts are told below, then it is raised
+                error = unusable
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as unreadable:
+                error = CheckpointError(f"the checkpoint {saved.path} could not be read ({type(unreadable).__name__}: "
+                                        f"{unreadable}); delete it, or set resume=false to start fresh")
     decision = np.array([2 if error else 1 if saved else 0, 0 if error or not saved else saved.global_step])
     if topology.num_workers > 1:
         decision = topology.broadcast_from_chief([decision])[0]

@@ -100,7 +100,7 @@ class Topology:
 
     def barrier(self, what):
         """Waits (at most host_wait_seconds) until every worker is done with `what`: hosts scan
-        data of different sizes, and the first collective of training would time out sooner."""
+        data of different sizes, and a collective of training would time out sooner."""
         self._all_reduce([np.ones(1)], lambda replica: True, f"the wait for every host to finish {what}")
 
     def sum_over_workers(self, values):
@@ -133,12 +133,12 @@ class Topology:
                                            options=options) for t in tensors]
             return self.strategy.experimental_local_results(self.strategy.run(replica_fn, args=(tensors,)))[0]
 
-        with self.collectives(what):
+        with self.collectives(what, bound="host_wait_seconds, at the start"):
             reduced = reduce([as_tensor(a) for a in arrays])
         return [r.numpy().astype(a.dtype) for r, a in zip(reduced, arrays)]
 
     @contextlib.contextmanager
-    def collectives(self, what):
+    def collectives(self, what, bound="collective_timeout_seconds, during training"):
         """TensorFlow's errors of a lost host or a timed-out collective, as a ClusterError that names the host."""
         import tensorflow as tf
 
@@ -149,21 +149,24 @@ class Topology:
             # Unavailable and DeadlineExceeded are the network's; the others only when they name a task
             # or a collective (an XLA or cuDNN failure is this host's own error).
             network = isinstance(error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError))
-            if self.num_workers == 1 or not (network or re.search(r"task:\d+|[Cc]ollective", str(error))):
+            if self.num_workers == 1 or not (network or self._other_tasks(error) or "ollective" in str(error)):
                 raise
-            raise self.lost_host(error, what) from error
+            raise self.lost_host(error, what, bound) from error
 
-    def lost_host(self, error, what):
+    def _other_tasks(self, error):
+        """The other workers' indexes that TensorFlow's message names (/job:worker/task:1)."""
+        return sorted({int(t) for t in re.findall(r"task:(\d+)", str(error))} - {self.worker_index})
+
+    def lost_host(self, error, what, bound="collective_timeout_seconds, during training"):
         import tensorflow as tf
 
         message = re.sub(r"\{\{[^}]*\}\}\s*", "", str(getattr(error, "message", error))).strip()
         first_line = message.splitlines()[0][:300] if message else ""
-        tasks = sorted({int(t) for t in re.findall(r"task:(\d+)", str(error))} - {self.worker_index})
-        lost = [self.hosts[t] for t in tasks if t < len(self.hosts)]
+        lost = [self.hosts[t] for t in self._other_tasks(error) if t < len(self.hosts)]
         who = (f"lost host {', '.join(lost)}" if lost
                else "lost contact with another host (none named by TensorFlow)")
         if isinstance(error, tf.errors.DeadlineExceededError):
-            who += " (a collective outlasted its timeout: collective_timeout_seconds during training)"
+            who += f" (a collective outlasted its timeout: {bound})"
         return ClusterError(
             f"{self.current_host} {who} during {what} ({type(error).__name__}: {first_line}). The lost host's "
             "own log and failure file say why it stopped; a host that vanished was probably reclaimed. "

@@ -73,7 +73,8 @@ def run(env, stop_signal):
         )
     tokenizer = ReviewTokenizer(pretrained, hp.max_seq_length)
 
-    # 3. data: scanned here, read through this worker's shard (data/sharding.py)
+    # 3. data: scanned here (on every host, the test channel too: the hosts stay in step, and bad data
+    #    fails them all at the start), read through this worker's shard (data/sharding.py)
     spec = data.RowSpec(hp.text_column, hp.label_column, hp.classes, hp.max_seq_length)
     wanted = {"train": True, "validation": hp.run_validation, "test": hp.run_test}
     channels = {}
@@ -84,15 +85,12 @@ def run(env, stop_signal):
         if not is_wanted:
             print(f"channel={name} skipped: run_{name}=false")
             continue
-        if name == "test" and not topology.is_chief:
-            print(f"channel=test skipped: the chief host {topology.hosts[0]} evaluates the test channel")
-            continue
         channels[name] = data.scan_channel(name, env.channel_dirs[name], spec, hp.max_bad_row_fraction)
         for line in data.describe(channels[name]):
             print(line)
     topology.barrier("the data scan")
     train_shard = sharding.for_training(channels["train"], topology, env.channel_distribution["train"])
-    print(f"channel=train {train_shard.describe()}")
+    print(f"channel=train {train_shard.describe(hp.train_batch_size)}")
     steps_per_epoch = hp.train_steps_per_epoch or train_shard.steps_per_pass(hp.train_batch_size)
     total_steps = hp.epochs * steps_per_epoch
     validation = None
@@ -102,7 +100,7 @@ def run(env, stop_signal):
             channels["validation"], spec, tokenizer, hp.validation_batch_size,
             repeat=hp.validation_steps is not None, endless=True, shard=shard))
         validation = (batches, hp.validation_steps or shard.steps_per_pass(hp.validation_batch_size))
-        print(f"channel=validation {shard.describe()}")
+        print(f"channel=validation {shard.describe(hp.validation_batch_size)}")
 
     # 4. model, resume, training: built, compiled and restored in the strategy's scope
     checkpointing_on = hp.enable_checkpointing or env.checkpoint_config_present

@@ -86,11 +86,19 @@ class TrainingLoop:
         hang). One non-finite gradient anywhere makes every replica's non-finite: one decision."""
         import tensorflow as tf
 
-        present = [g for g in gradients if g is not None]
+        def values(g):  # an embedding's gradient stays sparse (IndexedSlices)
+            return g.values if isinstance(g, tf.IndexedSlices) else g
+
+        def poisoned(g, poison):
+            if isinstance(g, tf.IndexedSlices):
+                return tf.IndexedSlices(g.values + tf.cast(poison, g.dtype), g.indices, g.dense_shape)
+            return g + tf.cast(poison, g.dtype)
+
+        present = [values(g) for g in gradients if g is not None]
         non_finite = tf.add_n([tf.reduce_sum(tf.cast(~tf.math.is_finite(g), tf.float32)) for g in present])
         anywhere = context.all_reduce(tf.distribute.ReduceOp.SUM, non_finite) > 0
         poison = tf.where(anywhere, float("nan"), 0.0)
-        return [None if g is None else g + tf.cast(poison, g.dtype) for g in gradients]
+        return [None if g is None else poisoned(g, poison) for g in gradients]
 
     def _forward_backward_fn(self, features, labels, job_examples):
         import tensorflow as tf

@@ -51,11 +51,14 @@ class Shard:
         """Steps of one pass over the job: those of the worker with the most rows."""
         return max(math.ceil(rows / (batch_size * self.group_replicas)) for rows in self.worker_rows)
 
-    def describe(self):
-        rows_per_worker = "" if len(set(self.worker_rows)) <= 1 else \
-            f" rows_per_worker={','.join(map(str, self.worker_rows))} (fewer rows: empty batches end the pass)"
+    def describe(self, batch_size):
+        per_worker = ""
+        if len(set(self.worker_rows)) > 1:
+            per_worker = f" rows_per_worker={','.join(map(str, self.worker_rows))}"
+            if math.ceil(self.rows / (batch_size * self.group_replicas)) < self.steps_per_pass(batch_size):
+                per_worker += " (this worker ends each pass with empty batches)"
         return (f"sharding={self.by} files={len(self.files)} rows={self.rows} job_rows={self.job_rows}"
-                f"{rows_per_worker} reason={self.reason}")
+                f"{per_worker} reason={self.reason}")
 
 
 def whole(channel, local_replicas=1):
