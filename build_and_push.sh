@@ -39,13 +39,32 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
+# Every option and the weights' hashes are checked before any AWS call: a bad option leaves no
+# empty ECR repository behind.
 [[ "$target" == "gpu" || "$target" == "cpu" ]] || die "--target must be gpu or cpu, not '$target'"
+weights_dir="$(dirname "$0")/docker/weights"
+required_files=(config.json model.safetensors vocab.txt)
 case "$weights" in
     hub:*@*)
         model_id="${weights#hub:}"; model_id="${model_id%@*}"; revision="${weights##*@}"
+        sums_file="$weights_dir/$model_id/$revision.sha256"
+        [[ -f "$sums_file" ]] || die "no recorded hashes for $model_id@$revision: $sums_file is missing;" \
+            "record them first (docker/weights/README.md), or build from a folder with --weights local:DIR"
+        for file in "${required_files[@]}"; do
+            grep -Eq "^[0-9a-f]{64}  \*?$file\$" "$sums_file" || die "$sums_file has no SHA-256 for $file"
+        done
         weights_args=(--build-arg PRETRAINED_SOURCE=hub --build-arg "PRETRAINED_MODEL_ID=$model_id"
                       --build-arg "PRETRAINED_REVISION=$revision") ;;
     local:*)
+        local_dir="$weights_dir/${weights#local:}"
+        [[ -d "$local_dir" ]] || die "--weights ${weights}: $local_dir is not a folder (local weights live under docker/weights/)"
+        for file in "${required_files[@]}"; do
+            [[ -f "$local_dir/$file" ]] || die "$local_dir lacks $file: expected a Hugging Face checkpoint folder"
+        done
+        if [[ -f "$local_dir/SHA256SUMS" ]]; then
+            mismatch="$(cd "$local_dir" && sha256sum --quiet -c SHA256SUMS 2>&1)" \
+                || die "$local_dir does not match its SHA256SUMS: $(echo "$mismatch" | tr '\n' ' ')"
+        fi
         weights_args=(--build-arg PRETRAINED_SOURCE=local --build-arg "PRETRAINED_LOCAL_DIR=${weights#local:}") ;;
     *) die "--weights must be hub:MODEL_ID@REVISION or local:DIR (a folder under docker/weights/), not '$weights'" ;;
 esac

@@ -3,6 +3,7 @@ the right calls against a local ECR API, and the built CPU image trains with no 
 
 import base64
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -105,7 +106,18 @@ def run_build_and_push(tmp_path, endpoint, *args, docker=True, credentials=True,
     return result, calls
 
 
-def test_build_and_push_creates_the_repository_logs_in_builds_tags_and_pushes(tmp_path, moto_ecr):
+@pytest.fixture(scope="module")
+def local_weights():
+    """docker/weights/ci-tiny: a generated checkpoint, as the image build uses it."""
+    from tiny_pretrained import make_distilbert
+
+    folder = os.path.join(REPO, "docker", "weights", "ci-tiny")
+    if not os.path.isfile(os.path.join(folder, "model.safetensors")):
+        make_distilbert(folder)
+    return folder
+
+
+def test_build_and_push_creates_the_repository_logs_in_builds_tags_and_pushes(tmp_path, moto_ecr, local_weights):
     result, calls = run_build_and_push(tmp_path, moto_ecr, "--name", "review-trainer-test", "--tag", "1.2.3",
                                        "--target", "cpu", "--weights", "local:ci-tiny")
     assert result.returncode == 0, result.stderr
@@ -131,6 +143,55 @@ def test_build_and_push_creates_the_repository_logs_in_builds_tags_and_pushes(tm
     assert again.returncode == 0 and "creating ECR repository" not in again.stdout
 
 
+def test_the_default_weights_have_committed_hashes_and_reach_the_build(tmp_path, moto_ecr):
+    sums_file = os.path.join(REPO, "docker", "weights", "distilbert-base-uncased",
+                             "12040accade4e8a0f71eabdb258fecc2e7e948be.sha256")
+    with open(sums_file) as f:  # the hub's published SHA-256 of each file at that revision
+        names = sorted(line.split()[1] for line in f if line.strip())
+    assert names == sorted(("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt"))
+    with open(os.path.join(REPO, ".venv", "pretrained-model", "vocab.txt"), "rb") as f:  # the same uncased vocabulary
+        vocab_sha256 = hashlib.sha256(f.read()).hexdigest()
+    with open(sums_file) as f:
+        assert f"{vocab_sha256}  vocab.txt" in f.read().splitlines()
+    result, calls = run_build_and_push(tmp_path, moto_ecr, "--target", "cpu")
+    assert result.returncode == 0, result.stderr
+    build = calls[2].split()
+    assert "PRETRAINED_MODEL_ID=distilbert-base-uncased" in build
+    assert "PRETRAINED_REVISION=12040accade4e8a0f71eabdb258fecc2e7e948be" in build
+
+
+@pytest.mark.parametrize("case", ["hub revision without hashes", "local folder that differs from its sums",
+                                  "local folder that is missing", "bad target"])
+def test_bad_options_and_weights_stop_before_any_aws_call(tmp_path, moto_ecr, local_weights, case):
+    name = "review-trainer-" + case.replace(" ", "-")
+    if case == "local folder that differs from its sums":
+        folder = tmp_path / "weights-copy"
+        shutil.copytree(local_weights, folder)
+        sums = "".join(f"{hashlib.sha256((folder / n).read_bytes()).hexdigest()}  {n}\n"
+                       for n in ("config.json", "model.safetensors", "vocab.txt"))
+        (folder / "SHA256SUMS").write_text(sums)
+        (folder / "vocab.txt").write_text((folder / "vocab.txt").read_text() + "tampered\n")
+        target = os.path.join(REPO, "docker", "weights", "ci-tampered")
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(folder, target)
+    args, expected = {
+        "hub revision without hashes": (["--weights", "hub:distilbert-base-uncased@0000000"],
+                                        "no recorded hashes for distilbert-base-uncased@0000000: "),
+        "local folder that differs from its sums": (["--weights", "local:ci-tampered"],
+                                                    "does not match its SHA256SUMS: vocab.txt: FAILED"),
+        "local folder that is missing": (["--weights", "local:nowhere"], "docker/weights/nowhere is not a folder"),
+        "bad target": (["--target", "tpu"], "--target must be gpu or cpu, not 'tpu'"),
+    }[case]
+    try:
+        result, calls = run_build_and_push(tmp_path, moto_ecr, "--name", name, *args)
+    finally:
+        shutil.rmtree(os.path.join(REPO, "docker", "weights", "ci-tampered"), ignore_errors=True)
+    assert result.returncode != 0 and expected in result.stderr, result.stderr
+    assert calls == []  # not even `docker info`
+    repositories = _ecr_client(moto_ecr).describe_repositories()["repositories"]
+    assert name not in [r["repositoryName"] for r in repositories]  # no empty repository left behind
+
+
 def test_region_option_wins_over_the_environment(tmp_path, moto_ecr):
     result, calls = run_build_and_push(tmp_path, moto_ecr, "--region", "ap-south-1", AWS_REGION="us-west-2")
     assert result.returncode == 0, result.stderr
@@ -143,13 +204,11 @@ def test_region_option_wins_over_the_environment(tmp_path, moto_ecr):
     ("push refused", "docker push of 123456789012.dkr.ecr.eu-west-1.amazonaws.com/review-trainer:0.1.0 was refused"),
     ("no docker", "docker is not installed or not on PATH"),
     ("no credentials", "no usable AWS credentials"),
-    ("bad target", "--target must be gpu or cpu, not 'tpu'"),
 ])
 def test_build_and_push_fails_with_a_clear_message(tmp_path, moto_ecr, case, expected):
     kwargs = {"push refused": {"FAKE_DOCKER_REFUSE_PUSH": "1"}, "no docker": {"docker": False},
-              "no credentials": {"credentials": False}, "bad target": {}}[case]
-    args = ["--target", "tpu"] if case == "bad target" else []
-    result, _ = run_build_and_push(tmp_path, moto_ecr, *args, **kwargs)
+              "no credentials": {"credentials": False}}[case]
+    result, _ = run_build_and_push(tmp_path, moto_ecr, **kwargs)
     assert result.returncode != 0
     assert expected in result.stderr, result.stderr
 
