@@ -217,3 +217,32 @@ def test_training_stream_is_seeded_reshuffled_per_pass_and_resumable_at_any_step
     for start in (5, 13, 20):  # a resumed job reads what an uninterrupted one would have
         resumed = batches(1, start=start, count=30 - start)
         assert all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(first[start:], resumed))
+
+
+def test_a_utf8_byte_order_mark_before_the_header_is_read_past_in_every_text_format(tmp_path, reviews):
+    expected = [(text, stars - 1) for text, stars in reviews]
+    csv_text = "review_body,star_rating\n" + "".join(f'"{t}",{s}\n' for t, s in reviews)
+    jsonl = "".join(json.dumps({"review_body": t, "star_rating": s}) + "\n" for t, s in reviews)
+    for name, content, file_format in (("a.tsv", amazon_tsv(reviews), "tsv"), ("b.csv", csv_text.encode(), "csv"),
+                                       ("c.jsonl", jsonl.encode(), "jsonl")):
+        path = write(tmp_path / name, b"\xef\xbb\xbf" + content)  # as spreadsheet exports write it
+        assert data.detect_format(str(path)) == (file_format, False)
+        assert rows_of(path) == expected, name
+
+
+@pytest.mark.parametrize("mark, encoding", [(b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"),
+                                            (b"\xff\xfe\x00\x00", "UTF-32")])
+def test_text_in_another_unicode_encoding_fails_saying_which(tmp_path, mark, encoding):
+    path = write(tmp_path / "reviews.tsv", mark + "review_body\tstar_rating\n".encode("utf-16-le"))
+    with pytest.raises(DataError, match=f"reviews.tsv: {encoding}-encoded text .*; save it as UTF-8"):
+        data.detect_format(str(path))
+
+
+def test_a_nul_byte_in_one_review_makes_one_bad_row_not_an_unreadable_file(tmp_path, reviews):
+    rows = reviews[:5] + [("great\x00 movie", 5)] + reviews[5:]
+    for name, content in (("a.tsv", amazon_tsv(rows)),
+                          ("b.csv", ("review_body,star_rating\n" + "".join(f'"{t}",{s}\n' for t, s in rows)).encode())):
+        path = write(tmp_path / name, content)
+        read = rows_of(path)
+        assert read[5] == (None, "nul_byte") and len(read) == 21, name
+        assert [r for r in read if r[0] is not None] == [(t, s - 1) for t, s in reviews]

@@ -64,3 +64,21 @@ def test_missing_or_unsupported_checkpoints_say_what_is_wrong(tmp_path, distilbe
         (tmp_path / name).write_bytes(b"x")
     with pytest.raises(PretrainedModelError, match="model_type 'gpt2'; supported: distilbert, bert"):
         open_checkpoint(str(tmp_path))
+
+
+def test_a_truncated_weights_file_is_a_pretrained_model_error_naming_it(tmp_path, distilbert_dir):
+    import shutil
+
+    from conftest import FAST_HYPERPARAMETERS, amazon_tsv, make_opt_ml, make_reviews, read_failure, run_train
+
+    broken = tmp_path / "checkpoint"
+    shutil.copytree(distilbert_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    base = make_opt_ml(str(tmp_path / "opt_ml"), {"train": {"t.tsv": amazon_tsv(make_reviews(8))}}, FAST_HYPERPARAMETERS)
+    result = run_train(base, broken)
+    assert result.returncode == 4
+    size = weights.stat().st_size
+    assert read_failure(base).splitlines()[0] == (
+        f"PretrainedModelError: {weights} is truncated: {size:,} bytes, but its header describes {size + 1000:,}; "
+        "copy the checkpoint again")

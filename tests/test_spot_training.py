@@ -237,3 +237,16 @@ def test_a_host_without_a_store_saves_nothing_and_says_the_chief_writes():
     worker.on_epoch_end(1, 6)
     assert worker.on_stop(6) == "this host is not the chief; the chief host writes the checkpoint"
     assert worker.saves == 0  # the two-host run checks the worker's folders (test_distributed.py)
+
+
+def test_a_checkpoint_folder_that_cannot_be_created_is_a_checkpoint_error_naming_it(tmp_path, distilbert_dir):
+    base = spot_job(str(tmp_path / "job"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with open(os.path.join(base, "input", "config", "checkpointconfig.json"), "w") as f:
+        json.dump({"LocalPath": str(blocker / "checkpoints")}, f)
+    result = run_train(base, distilbert_dir)
+    assert result.returncode == 6, result.stderr[-2000:]
+    assert read_failure(base).splitlines()[0] == (
+        f"CheckpointError: the checkpoint folder {blocker}/checkpoints cannot be created or written (Not a directory); "
+        "set checkpointconfig.json's LocalPath (the Estimator's checkpoint_local_path) to a writable folder")

@@ -16,10 +16,12 @@ SageMaker finds deleted locally it deletes from S3).
 """
 
 import dataclasses
+import errno
 import json
 import math
 import os
 import shutil
+import tempfile
 import time
 import zipfile
 
@@ -189,7 +191,19 @@ def restore(model, saved):
 
 
 def open_store(directory, keep, resume, print_fn=print):
-    """The chief's checkpoint folder, without what a killed job left half-written."""
+    """The chief's checkpoint folder, without what a killed job left half-written; one that cannot
+    be created or written fails now, named, rather than at the first save."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise  # a full disk: ResourceError
+        raise CheckpointError(
+            f"the checkpoint folder {directory} cannot be created or written ({error.strerror or error}); "
+            "set checkpointconfig.json's LocalPath (the Estimator's checkpoint_local_path) to a writable folder"
+        ) from error
     store = CheckpointStore(directory, keep, print_fn)
     if not resume:
         print_fn(f"resume=false: deleting the checkpoints in {directory}")

@@ -57,12 +57,39 @@ def open_checkpoint(path):
             config = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PretrainedModelError(f"{path}/config.json is not valid JSON ({error})") from error
+    except OSError as error:
+        raise PretrainedModelError(f"{path}/config.json cannot be read ({error})") from error
+    _check_safetensors(os.path.join(path, "model.safetensors"))
     model_type = config.get("model_type")
     if model_type not in _BACKBONES:
         raise PretrainedModelError(
             f"{path}/config.json has model_type {model_type!r}; supported: {', '.join(_BACKBONES)}"
         )
     return PretrainedCheckpoint(path=path, model_type=model_type, config=config)
+
+
+def _check_safetensors(path):
+    """A truncated or unreadable weights file fails here, named, before KerasHub reads it.
+
+    The format: an 8-byte little-endian header length, a JSON header that gives each tensor's
+    byte range, then the data; the file must reach the end of the last range."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            header_length = int.from_bytes(f.read(8), "little")
+            if not 2 <= header_length <= min(size - 8, 100 << 20):
+                raise ValueError(f"a header of {header_length} bytes in a file of {size}")
+            header = json.loads(f.read(header_length))
+        data_end = max((t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"), default=0)
+    except OSError as error:
+        raise PretrainedModelError(f"{path} cannot be read ({error})") from error
+    except (ValueError, KeyError, TypeError, IndexError) as error:
+        raise PretrainedModelError(f"{path} is not a valid safetensors file ({error})") from error
+    if 8 + header_length + data_end > size:
+        raise PretrainedModelError(
+            f"{path} is truncated: {size:,} bytes, but its header describes {8 + header_length + data_end:,}; "
+            "copy the checkpoint again"
+        )
 
 
 def load_backbone(checkpoint):

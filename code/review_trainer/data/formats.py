@@ -25,6 +25,11 @@ EMPTY_TEXT = "empty_text"
 UNKNOWN_LABEL = "unknown_label"
 UNDECODABLE = "undecodable"
 MALFORMED = "malformed"
+NUL_BYTE = "nul_byte"  # a NUL inside a review: a broken export, not text
+
+UTF8_BOM = b"\xef\xbb\xbf"  # spreadsheet exports put it before the header row
+_OTHER_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16",
+               b"\xfe\xff": "UTF-16"}
 
 _SNIFF_BYTES = 1 << 16
 
@@ -60,8 +65,14 @@ def detect_format(path):
         return PARQUET, False
     if _looks_like_tfrecord(head):
         return TFRECORD, compressed
-    if b"\x00" not in head:  # the text formats
-        first_line = head.split(b"\n", 1)[0]
+    for mark, encoding in _OTHER_BOMS.items():
+        if head.startswith(mark):
+            raise DataError(f"{path}: {encoding}-encoded text (it starts with the byte-order mark "
+                            f"{mark.hex(' ').upper()}); save it as UTF-8")
+    head = head.removeprefix(UTF8_BOM)
+    first_line = head.split(b"\n", 1)[0]
+    # Text: a header (or first record) without NUL, and NULs rare below it (a bad row each).
+    if b"\x00" not in first_line and head.count(b"\x00") * 100 < len(head):
         if head.lstrip()[:1] == b"{":
             return JSONL, compressed
         if b"\t" in first_line:
@@ -112,6 +123,9 @@ def iter_rows(summary, spec):
         if not text:
             yield None, EMPTY_TEXT
             continue
+        if "\x00" in text:
+            yield None, NUL_BYTE
+            continue
         index = label_index.get(_label_key(label))
         if index is None:
             yield None, UNKNOWN_LABEL
@@ -150,7 +164,7 @@ def _header_indexes(summary, header, spec):
 def _tsv_rows(summary, spec):
     # The Amazon Customer Reviews files are tab-separated with no quoting: a quote is text.
     with _open_binary(summary) as f:
-        header = f.readline().decode("utf-8", "replace").rstrip("\r\n").split("\t")
+        header = f.readline().decode("utf-8-sig", "replace").rstrip("\r\n").split("\t")
         text_at, label_at = _header_indexes(summary, header, spec)
         for raw in f:
             raw = raw.rstrip(b"\r\n")
@@ -171,7 +185,7 @@ def _tsv_rows(summary, spec):
 def _csv_rows(summary, spec):
     with _open_binary(summary) as f:
         # Undecodable bytes become U+FFFD so that one bad line cannot stop the csv reader.
-        reader = csv.reader(io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline=""))
+        reader = csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", errors="replace", newline=""))
         header = next(reader, [])
         text_at, label_at = _header_indexes(summary, header, spec)
         for fields in reader:
@@ -193,7 +207,7 @@ def _jsonl_rows(summary, spec):
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw.decode("utf-8"))
+                record = json.loads(raw.decode("utf-8-sig"))
             except UnicodeDecodeError:
                 yield BadRow(UNDECODABLE)
                 continue
