@@ -119,3 +119,17 @@ def distilbert_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def bert_dir(tmp_path_factory):
     return tiny_pretrained.make_bert(str(tmp_path_factory.mktemp("bert")))
+
+
+@pytest.fixture(scope="session")
+def distilbert_job(tmp_path_factory, distilbert_dir):
+    """A finished job on the tiny DistilBERT: its /opt/ml tree and its `train` result (shared)."""
+    base = make_opt_ml(str(tmp_path_factory.mktemp("opt_ml")), {
+        "train": {"part-1.tsv.gz": gzipped(amazon_tsv(make_reviews(96, 1))),
+                  "part-2.tsv": amazon_tsv(make_reviews(40, 2))},
+        "validation": {"validation.tsv": amazon_tsv(make_reviews(24, 3))},
+        "test": {"test.tsv.gz": gzipped(amazon_tsv(make_reviews(30, 4)))},
+    }, {**FAST_HYPERPARAMETERS, "epochs": "2", "use_amp": "auto", "sagemaker_program": "ignored"})
+    result = run_train(base, distilbert_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return base, result

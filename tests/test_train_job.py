@@ -29,19 +29,6 @@ from review_trainer.precision import cpu_has_bf16
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 
-@pytest.fixture(scope="module")
-def distilbert_job(tmp_path_factory, distilbert_dir):
-    base = make_opt_ml(str(tmp_path_factory.mktemp("opt_ml")), {
-        "train": {"part-1.tsv.gz": gzipped(amazon_tsv(make_reviews(96, 1))),
-                  "part-2.tsv": amazon_tsv(make_reviews(40, 2))},
-        "validation": {"validation.tsv": amazon_tsv(make_reviews(24, 3))},
-        "test": {"test.tsv.gz": gzipped(amazon_tsv(make_reviews(30, 4)))},
-    }, {**FAST_HYPERPARAMETERS, "epochs": "2", "use_amp": "auto", "sagemaker_program": "ignored"})
-    result = run_train(base, distilbert_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return base, result
-
-
 def test_success_leaves_the_model_evaluation_and_success_file(distilbert_job):
     base, result = distilbert_job
     model = os.path.join(base, "model")

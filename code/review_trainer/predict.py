@@ -1,0 +1,145 @@
+"""`predict`: star ratings for reviews, from a finished model, as JSON Lines.
+
+    predict --model MODEL [FILE ...]
+
+MODEL is a model folder the job wrote (or the `model.tar.gz` SageMaker uploads). The reviews come
+from the files, or stdin without any: JSON Lines, CSV or the Amazon TSV with a `review_body`
+column (`--text-column`), else plain text with one review per line. Each review gives one line
+on stdout: {"label": "5", "probabilities": {"1": 0.01, ..., "5": 0.93}}, in input order. The model's
+own tokenizer (saved beside it) turns the text into the SavedModel's `input_ids` and `input_mask`,
+as a TF Serving client would.
+"""
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import os
+import sys
+import tarfile
+import tempfile
+
+import numpy as np
+
+BATCH = 64
+SAVED_MODEL = os.path.join("tensorflow", "saved_model", "0")
+
+
+class PredictError(Exception):
+    """Bad input: the message says what and where; the exit code is 2."""
+
+
+@contextlib.contextmanager
+def opened_model(path):
+    """The model folder: `path` itself, or `path` (a model.tar.gz) unpacked into a temporary folder."""
+    if os.path.isdir(path):
+        yield path
+        return
+    if not os.path.isfile(path):
+        raise PredictError(f"--model {path}: no such model folder or model.tar.gz")
+    try:
+        with tempfile.TemporaryDirectory(prefix="review-trainer-model-") as folder:
+            with tarfile.open(path) as archive:
+                unsafe = [m.name for m in archive.getmembers() if m.issym() or m.islnk() or m.name.startswith("/")
+                          or ".." in m.name.split("/")]
+                if unsafe:
+                    raise PredictError(f"--model {path}: refusing to unpack {unsafe[0]!r} (a link or a path outside)")
+                archive.extractall(folder)
+            yield folder
+    except tarfile.TarError as error:
+        raise PredictError(f"--model {path}: not a model folder or a readable model.tar.gz ({error})") from error
+
+
+class Predictor:
+    def __init__(self, model_dir):
+        from review_trainer.pretrained import PretrainedCheckpoint, ReviewTokenizer
+
+        missing = [name for name in (SAVED_MODEL, "tokenizer", "label_map.json")
+                   if not os.path.exists(os.path.join(model_dir, name))]
+        if missing:
+            raise PredictError(f"{model_dir} is not a model folder of this job: it lacks {', '.join(missing)}")
+        with open(os.path.join(model_dir, "label_map.json")) as f:
+            index_to_label = json.load(f)["index_to_label"]
+        self.labels = [index_to_label[str(i)] for i in range(len(index_to_label))]
+        with open(os.path.join(model_dir, "tokenizer", "review_trainer_tokenizer.json")) as f:
+            max_seq_length = json.load(f)["max_seq_length"]
+        tokenizer_dir = os.path.join(model_dir, "tokenizer")
+        self.tokenizer = ReviewTokenizer(PretrainedCheckpoint(tokenizer_dir, "bert", {}), max_seq_length)
+
+        import tensorflow as tf
+
+        self.serve = tf.saved_model.load(os.path.join(model_dir, SAVED_MODEL)).signatures["serving_default"]
+
+    def __call__(self, texts):
+        """[{"label", "probabilities"}] for each text."""
+        import tensorflow as tf
+
+        results = []
+        for start in range(0, len(texts), BATCH):
+            ids, mask = self.tokenizer(texts[start:start + BATCH])
+            probabilities = self.serve(input_ids=tf.constant(ids), input_mask=tf.constant(mask))["probabilities"]
+            for row in np.asarray(probabilities):
+                results.append({"label": self.labels[int(row.argmax())],
+                                "probabilities": {label: round(float(p), 6) for label, p in zip(self.labels, row)}})
+        return results
+
+
+def read_reviews(text, text_column, source):
+    """The reviews of one input, by its content: JSON Lines, TSV or CSV with text_column, else lines."""
+    text = text.removeprefix("\ufeff")
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    if first.lstrip().startswith("{"):
+        reviews = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise PredictError(f"{source}, line {number}: not JSON ({error.msg})") from error
+            if not isinstance(record, dict) or text_column not in record:
+                raise PredictError(f"{source}, line {number}: no {text_column!r} in the JSON object")
+            reviews.append(str(record[text_column]))
+        return reviews
+    if text_column in first.split("\t"):  # the Amazon TSV: no quoting
+        at = first.split("\t").index(text_column)
+        return [line.split("\t")[at] for line in lines[lines.index(first) + 1:] if line.strip()]
+    header = next(csv.reader([first]))
+    if text_column in header:
+        rows = csv.DictReader(io.StringIO(text[text.index(first):]))
+        return [row[text_column] or "" for row in rows]
+    return [line for line in lines if line.strip()]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="predict", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="a model folder the job wrote, or its model.tar.gz")
+    parser.add_argument("--text-column", default="review_body", help="the text column of CSV, TSV and JSON Lines")
+    parser.add_argument("files", nargs="*", help="files of reviews (default: stdin)")
+    args = parser.parse_args(argv)
+    try:
+        inputs = []
+        for path in args.files or ["-"]:
+            if path == "-":
+                inputs.append(("stdin", sys.stdin.read()))
+                continue
+            try:
+                with open(path, encoding="utf-8") as f:
+                    inputs.append((path, f.read()))
+            except (OSError, UnicodeDecodeError) as error:
+                raise PredictError(f"{path}: cannot be read as UTF-8 text ({error})") from error
+        reviews = [review for source, text in inputs for review in read_reviews(text, args.text_column, source)]
+        with opened_model(args.model) as model_dir:
+            predictor = Predictor(model_dir)
+            for result in predictor(reviews):
+                print(json.dumps(result))
+    except PredictError as error:
+        print(f"predict: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

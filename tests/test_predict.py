@@ -1,0 +1,89 @@
+"""`predict`: a finished model's star ratings for reviews in the files users have, as JSON Lines."""
+
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+
+import pytest
+from conftest import amazon_tsv
+
+PREDICT = os.path.join(os.path.dirname(sys.executable), "predict")
+SAMPLES = ["This is great!", "This is OK.", "This is terrible."]
+
+
+def predict(*args, stdin=None):
+    result = subprocess.run([PREDICT, *args], input=stdin, capture_output=True, text=True,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), timeout=300)
+    return result.returncode, [json.loads(line) for line in result.stdout.splitlines()], result.stderr
+
+
+def test_predictions_are_those_the_job_printed_for_its_sample_reviews(distilbert_job):
+    base, job = distilbert_job
+    exit_code, results, stderr = predict("--model", os.path.join(base, "model"), stdin="\n".join(SAMPLES) + "\n")
+    assert exit_code == 0, stderr
+    printed = re.findall(r"sample_prediction label=(\d) confidence=(\S+) text=", job.stdout)
+    assert [r["label"] for r in results] == [label for label, _ in printed]
+    assert [max(r["probabilities"].values()) for r in results] == pytest.approx(
+        [float(confidence) for _, confidence in printed], abs=1.5e-3)
+    assert all(sorted(r["probabilities"]) == ["1", "2", "3", "4", "5"] for r in results)
+    assert all(sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-5) for r in results)
+
+
+def test_on_the_test_channel_its_accuracy_is_the_jobs_evaluation(distilbert_job, tmp_path):
+    base, _ = distilbert_job
+    with gzip.open(os.path.join(base, "input", "data", "test", "test.tsv.gz"), "rt") as f:
+        tsv = f.read()
+    (tmp_path / "test.tsv").write_text(tsv)
+    exit_code, results, stderr = predict("--model", os.path.join(base, "model"), str(tmp_path / "test.tsv"))
+    assert exit_code == 0, stderr
+    header, *rows = [line.split("\t") for line in tsv.splitlines()]
+    truth = [row[header.index("star_rating")] for row in rows]
+    with open(os.path.join(base, "output", "data", "evaluation.json")) as f:
+        accuracy = json.load(f)["multiclass_classification_metrics"]["accuracy"]["value"]
+    assert len(results) == 30
+    assert sum(r["label"] == t for r, t in zip(results, truth)) / 30 == pytest.approx(accuracy, abs=1e-9)
+
+
+def test_every_input_format_and_a_model_tar_gz_give_the_same_predictions(distilbert_job, tmp_path):
+    base, _ = distilbert_job
+    model = os.path.join(base, "model")
+    files = {
+        "reviews.txt": "\n".join(SAMPLES) + "\n",
+        "reviews.csv": "\ufeffreview_body,star_rating\n" + "".join(f'"{t}",5\n' for t in SAMPLES),
+        "reviews.jsonl": "".join(json.dumps({"review_body": t, "stars": 1}) + "\n" for t in SAMPLES),
+        "reviews.tsv": amazon_tsv([(t, 3) for t in SAMPLES]).decode(),
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+    _, expected, _ = predict("--model", model, stdin="\n".join(SAMPLES))
+    for name in files:
+        exit_code, results, stderr = predict("--model", model, str(tmp_path / name))
+        assert exit_code == 0 and results == expected, (name, stderr)
+    archive = tmp_path / "model.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:  # SageMaker's layout: the folder's entries at the top
+        for entry in os.listdir(model):
+            tar.add(os.path.join(model, entry), arcname=entry)
+    exit_code, results, stderr = predict("--model", str(archive), str(tmp_path / "reviews.txt"), str(tmp_path / "reviews.csv"))
+    assert exit_code == 0 and results == expected + expected, stderr
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("no model", "predict: --model {tmp}/nowhere: no such model folder or model.tar.gz"),
+    ("not a model", "predict: {tmp} is not a model folder of this job: it lacks tensorflow/saved_model/0, tokenizer, "
+                    "label_map.json"),
+    ("json without the column", "predict: {tmp}/bad.jsonl, line 2: no 'review_body' in the JSON object"),
+    ("missing file", "predict: {tmp}/missing.txt: cannot be read as UTF-8 text"),
+])
+def test_bad_input_fails_with_a_clear_message_and_exit_code_2(distilbert_job, tmp_path, case, expected):
+    model = os.path.join(distilbert_job[0], "model")
+    (tmp_path / "bad.jsonl").write_text('{"review_body": "fine"}\n{"text": "no column"}\n')
+    args = {"no model": ["--model", str(tmp_path / "nowhere")], "not a model": ["--model", str(tmp_path)],
+            "json without the column": ["--model", model, str(tmp_path / "bad.jsonl")],
+            "missing file": ["--model", model, str(tmp_path / "missing.txt")]}[case]
+    exit_code, results, stderr = predict(*args, stdin="fine\n")
+    assert exit_code == 2 and results == []
+    assert stderr.strip().startswith(expected.format(tmp=tmp_path)), stderr
