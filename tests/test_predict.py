@@ -87,3 +87,51 @@ def test_bad_input_fails_with_a_clear_message_and_exit_code_2(distilbert_job, tm
     exit_code, results, stderr = predict(*args, stdin="fine\n")
     assert exit_code == 2 and results == []
     assert stderr.strip().startswith(expected.format(tmp=tmp_path)), stderr
+
+
+def test_saved_model_cli_shows_and_runs_the_serving_signature(distilbert_job, tmp_path):
+    import numpy as np
+    from review_trainer.predict import load_tokenizer
+
+    model = os.path.join(distilbert_job[0], "model")
+    saved_model = os.path.join(model, "tensorflow", "saved_model", "0")
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    shown = subprocess.run([cli, "show", "--dir", saved_model, "--tag_set", "serve", "--signature_def",
+                            "serving_default"], capture_output=True, text=True, env=env).stdout
+    for name in ("input_ids", "input_mask"):
+        assert re.search(rf"inputs\['{name}'\] tensor_info:\s+dtype: DT_INT32\s+shape: \(-1, 16\)", shown), shown
+    assert re.search(r"outputs\['probabilities'\] tensor_info:\s+dtype: DT_FLOAT\s+shape: \(-1, 5\)", shown), shown
+    ids, mask = load_tokenizer(model)(SAMPLES)
+    np.save(tmp_path / "ids.npy", ids)
+    np.save(tmp_path / "mask.npy", mask)
+    ran = subprocess.run([cli, "run", "--dir", saved_model, "--tag_set", "serve", "--signature_def", "serving_default",
+                          "--inputs", f"input_ids={tmp_path}/ids.npy;input_mask={tmp_path}/mask.npy"],
+                         capture_output=True, text=True, env=env)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    printed = ran.stdout.split("Result for output key probabilities:")[1]
+    probabilities = np.array([[float(v) for v in row.split()] for row in re.findall(r"\[([^\[\]]+)\]", printed)])
+    _, expected, _ = predict("--model", model, stdin="\n".join(SAMPLES))
+    assert probabilities.shape == (3, 5)
+    for row, result in zip(probabilities, expected):
+        assert row.tolist() == pytest.approx([result["probabilities"][label] for label in "12345"], abs=2e-6)
+
+
+def test_the_tf_serving_request_body_of_the_example_gives_the_jobs_probabilities(distilbert_job, tmp_path):
+    import numpy as np
+    import tensorflow as tf
+
+    model = os.path.join(distilbert_job[0], "model")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "serving_request.py")
+    made = subprocess.run([sys.executable, script, "--model", model], input="\n".join(SAMPLES), capture_output=True,
+                          text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert made.returncode == 0, made.stderr[-2000:]
+    body = json.loads(made.stdout)
+    assert body["signature_name"] == "serving_default" and len(body["instances"]) == 3
+    # What TF Serving does with the body: the instances' columns as the signature's tensors.
+    serve = tf.saved_model.load(os.path.join(model, "tensorflow", "saved_model", "0")).signatures["serving_default"]
+    columns = {name: tf.constant([instance[name] for instance in body["instances"]], tf.int32)
+               for name in ("input_ids", "input_mask")}
+    probabilities = serve(**columns)["probabilities"].numpy()
+    _, expected, _ = predict("--model", model, stdin="\n".join(SAMPLES))
+    assert np.allclose(probabilities, [[r["probabilities"][label] for label in "12345"] for r in expected], atol=2e-6)

@@ -51,10 +51,18 @@ def opened_model(path):
         raise PredictError(f"--model {path}: not a model folder or a readable model.tar.gz ({error})") from error
 
 
+def load_tokenizer(model_dir):
+    """The tokenizer saved beside the model: text -> (input_ids, input_mask) at its max_seq_length."""
+    from review_trainer.pretrained import PretrainedCheckpoint, ReviewTokenizer
+
+    tokenizer_dir = os.path.join(model_dir, "tokenizer")
+    with open(os.path.join(tokenizer_dir, "review_trainer_tokenizer.json")) as f:
+        max_seq_length = json.load(f)["max_seq_length"]
+    return ReviewTokenizer(PretrainedCheckpoint(tokenizer_dir, "bert", {}), max_seq_length)
+
+
 class Predictor:
     def __init__(self, model_dir):
-        from review_trainer.pretrained import PretrainedCheckpoint, ReviewTokenizer
-
         missing = [name for name in (SAVED_MODEL, "tokenizer", "label_map.json")
                    if not os.path.exists(os.path.join(model_dir, name))]
         if missing:
@@ -62,10 +70,7 @@ class Predictor:
         with open(os.path.join(model_dir, "label_map.json")) as f:
             index_to_label = json.load(f)["index_to_label"]
         self.labels = [index_to_label[str(i)] for i in range(len(index_to_label))]
-        with open(os.path.join(model_dir, "tokenizer", "review_trainer_tokenizer.json")) as f:
-            max_seq_length = json.load(f)["max_seq_length"]
-        tokenizer_dir = os.path.join(model_dir, "tokenizer")
-        self.tokenizer = ReviewTokenizer(PretrainedCheckpoint(tokenizer_dir, "bert", {}), max_seq_length)
+        self.tokenizer = load_tokenizer(model_dir)
 
         import tensorflow as tf
 
