@@ -303,6 +303,12 @@ def test_image_trains_on_the_fixture_with_no_network(built_image, tmp_path):
         manifest = json.load(f)
     assert manifest["image_version"] == "0.1.0-ci"
     assert manifest["pretrained_model"] == {"path": "/opt/pretrained", "model_type": "distilbert"}
+    # The image's `predict` reads the model the job left, offline.
+    predicted = podman("--rm", "-i", "-v", f"{base}:/opt/ml", IMAGE, "predict", "--model", "/opt/ml/model",
+                       input="This is great!\nThis is terrible.\n")
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    results = [json.loads(line) for line in predicted.stdout.splitlines()]
+    assert len(results) == 2 and all(sorted(r["probabilities"]) == ["1", "2", "3", "4", "5"] for r in results)
 
 
 def test_an_outside_connection_fails_inside_the_container(built_image):
