@@ -59,12 +59,12 @@ def open_checkpoint(path):
         raise PretrainedModelError(f"{path}/config.json is not valid JSON ({error})") from error
     except OSError as error:
         raise PretrainedModelError(f"{path}/config.json cannot be read ({error})") from error
-    _check_safetensors(os.path.join(path, "model.safetensors"))
     model_type = config.get("model_type")
     if model_type not in _BACKBONES:
         raise PretrainedModelError(
             f"{path}/config.json has model_type {model_type!r}; supported: {', '.join(_BACKBONES)}"
         )
+    _check_safetensors(os.path.join(path, "model.safetensors"))
     return PretrainedCheckpoint(path=path, model_type=model_type, config=config)
 
 
