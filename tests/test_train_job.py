@@ -256,3 +256,23 @@ def test_a_full_disk_fails_cleanly_without_a_half_written_model(tmp_path, distil
     assert result.returncode == 5, result.stderr[-2000:]
     assert read_failure(base).startswith("ResourceError: no space left on device")
     assert os.listdir(model_dir) == []
+
+
+@pytest.mark.parametrize("folder", ["model", "tensorboard"])
+def test_a_folder_the_job_writes_that_cannot_be_created_fails_at_the_start_naming_it(tmp_path, distilbert_dir, folder):
+    base = make_opt_ml(str(tmp_path), {"train": {"t.tsv": amazon_tsv(make_reviews(8))}},
+                       {**FAST_HYPERPARAMETERS, "enable_tensorboard": "true"})
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    if folder == "model":  # the model folder is itself a file
+        os.replace(blocker, os.path.join(base, "model"))
+        path, what = os.path.join(base, "model"), "model folder"
+    else:
+        with open(os.path.join(base, "input", "config", "tensorboardoutputconfig.json"), "w") as f:
+            json.dump({"LocalPath": str(blocker / "tensorboard"), "S3OutputPath": "s3://bucket/tb"}, f)
+        path, what = str(blocker / "tensorboard"), "TensorBoard folder"
+    result = run_train(base, distilbert_dir)
+    assert result.returncode == 5, result.stderr[-2000:]
+    first_line = read_failure(base).splitlines()[0]
+    assert first_line.startswith(f"ResourceError: the {what} {path} cannot be created or written ("), first_line
+    assert "training:" not in result.stdout  # before any training

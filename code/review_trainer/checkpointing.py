@@ -21,13 +21,13 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 import zipfile
 
 import keras
 import numpy as np
 from review_trainer.data import sha256_file
+from review_trainer.environment import make_writable_folder
 from review_trainer.errors import CheckpointError
 
 STATE_FILE = "state.npz"
@@ -194,9 +194,7 @@ def open_store(directory, keep, resume, print_fn=print):
     """The chief's checkpoint folder, without what a killed job left half-written; one that cannot
     be created or written fails now, named, rather than at the first save."""
     try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
+        make_writable_folder(directory)
     except OSError as error:
         if error.errno == errno.ENOSPC:
             raise  # a full disk: ResourceError

@@ -21,11 +21,13 @@ used: it waits up to 15 minutes for every host name to resolve and does not forw
 """
 
 import dataclasses
+import errno
 import json
 import os
 import socket
+import tempfile
 
-from review_trainer.errors import ClusterError, DataError, HyperparameterError
+from review_trainer.errors import ClusterError, DataError, HyperparameterError, ResourceError
 
 BASE_DIR_VARIABLE = "SAGEMAKER_BASE_DIR"
 DEFAULT_BASE_DIR = "/opt/ml"
@@ -158,6 +160,26 @@ def read_environment():
         image_version=os.environ.get("IMAGE_VERSION"),
         default_pretrained_model_dir=os.environ.get("PRETRAINED_MODEL_DIR"),
     )
+
+
+def make_writable_folder(path):
+    """Creates the folder when missing and proves it takes a file; raises OSError otherwise."""
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+        pass
+
+
+def check_writable(folders):
+    """{what: path} of the folders the job will write: one that cannot be written fails now, named,
+    not after training (a full disk stays a full disk)."""
+    for what, path in folders.items():
+        try:
+            make_writable_folder(path)
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                raise
+            raise ResourceError(f"the {what} {path} cannot be created or written ({error.strerror or error}); "
+                                "give the job a writable folder there") from error
 
 
 def _check_hosts(resource_config, path):

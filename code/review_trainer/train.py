@@ -63,6 +63,9 @@ def run(env, stop_signal):
     if topology.idle:
         print(f"host {topology.current_host} stops here: {topology.reason}")
         return
+    if topology.is_chief:
+        environment.check_writable({"model folder": env.model_dir, "output data folder": env.output_data_dir,
+                                    **({"TensorBoard folder": env.tensorboard_dir} if hp.enable_tensorboard else {})})
 
     # 2. pretrained checkpoint
     pretrained = open_checkpoint(hp.pretrained_model_dir or env.default_pretrained_model_dir)
