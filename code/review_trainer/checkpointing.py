@@ -210,6 +210,9 @@ def open_store(directory, keep, resume, print_fn=print):
     return store
 
 
+_FRESH, _RESUMED, _FAILED = 0, 1, 2  # the chief's decision, as the other hosts receive it
+
+
 def resume(store, model, fingerprint_, topology, total_steps, print_fn=print):
     """The global step to start from: the newest checkpoint written by this same job, restored.
 
@@ -236,18 +239,19 @@ def resume(store, model, fingerprint_, topology, total_steps, print_fn=print):
             except (OSError, ValueError, KeyError, zipfile.BadZipFile) as unreadable:
                 error = CheckpointError(f"the checkpoint {saved.path} could not be read ({type(unreadable).__name__}: "
                                         f"{unreadable}); delete it, or set resume=false to start fresh")
-    decision = np.array([2 if error else 1 if saved else 0, 0 if error or not saved else saved.global_step])
+    outcome = _FAILED if error else _RESUMED if saved else _FRESH
+    decision = np.array([outcome, saved.global_step if outcome == _RESUMED else 0])
     if topology.num_workers > 1:
         decision = topology.broadcast_from_chief([decision])[0]
-        if decision[0] == 1:
+        if decision[0] == _RESUMED:
             variables = training_variables(model)
             values = topology.broadcast_from_chief([np.asarray(v.numpy()) for v in variables])
             for variable, value in zip(variables, values):
                 variable.assign(value)
-    if decision[0] == 2:
+    if decision[0] == _FAILED:
         raise error or CheckpointError(
             f"the chief host {topology.hosts[0]} could not resume from its checkpoint; its failure file says why")
-    if decision[0] == 1:
+    if decision[0] == _RESUMED:
         where = saved.path if saved else f"the chief's checkpoint (sent by {topology.hosts[0]})"
         print_fn(f"resumed from {where}: global step {decision[1]} of {total_steps}")
     return int(decision[1])

@@ -31,6 +31,8 @@ from review_trainer.errors import ClusterError, HyperparameterError
 
 PORT = 2222  # TensorFlow's gRPC server on every host of a multi-host job
 NONE, MIRRORED, MULTI_WORKER = "none", "mirrored", "multi_worker"
+# Which setting bounds a collective, for the message when one times out.
+START_BOUND, TRAINING_BOUND = "host_wait_seconds, at the start", "collective_timeout_seconds, during training"
 _POLL_SECONDS = 0.5
 
 
@@ -133,12 +135,12 @@ class Topology:
                                            options=options) for t in tensors]
             return self.strategy.experimental_local_results(self.strategy.run(replica_fn, args=(tensors,)))[0]
 
-        with self.collectives(what, bound="host_wait_seconds, at the start"):
+        with self.collectives(what, bound=START_BOUND):
             reduced = reduce([as_tensor(a) for a in arrays])
         return [r.numpy().astype(a.dtype) for r, a in zip(reduced, arrays)]
 
     @contextlib.contextmanager
-    def collectives(self, what, bound="collective_timeout_seconds, during training"):
+    def collectives(self, what, bound=TRAINING_BOUND):
         """TensorFlow's errors of a lost host or a timed-out collective, as a ClusterError that names the host."""
         import tensorflow as tf
 
@@ -157,7 +159,7 @@ class Topology:
         """The other workers' indexes that TensorFlow's message names (/job:worker/task:1)."""
         return sorted({int(t) for t in re.findall(r"task:(\d+)", str(error))} - {self.worker_index})
 
-    def lost_host(self, error, what, bound="collective_timeout_seconds, during training"):
+    def lost_host(self, error, what, bound=TRAINING_BOUND):
         import tensorflow as tf
 
         message = re.sub(r"\{\{[^}]*\}\}\s*", "", str(getattr(error, "message", error))).strip()

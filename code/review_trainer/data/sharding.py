@@ -49,13 +49,16 @@ class Shard:
 
     def steps_per_pass(self, batch_size):
         """Steps of one pass over the job: those of the worker with the most rows."""
-        return max(math.ceil(rows / (batch_size * self.group_replicas)) for rows in self.worker_rows)
+        return max(self._steps(rows, batch_size) for rows in self.worker_rows)
+
+    def _steps(self, rows, batch_size):
+        return math.ceil(rows / (batch_size * self.group_replicas))
 
     def describe(self, batch_size):
         per_worker = ""
         if len(set(self.worker_rows)) > 1:
             per_worker = f" rows_per_worker={','.join(map(str, self.worker_rows))}"
-            if math.ceil(self.rows / (batch_size * self.group_replicas)) < self.steps_per_pass(batch_size):
+            if self._steps(self.rows, batch_size) < self.steps_per_pass(batch_size):
                 per_worker += " (this worker ends each pass with empty batches)"
         return (f"sharding={self.by} files={len(self.files)} rows={self.rows} job_rows={self.job_rows}"
                 f"{per_worker} reason={self.reason}")
