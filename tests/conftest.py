@@ -1,11 +1,15 @@
-"""Shared fixtures: tiny checkpoints, generated reviews, a temporary /opt/ml, and a `train` runner."""
+"""Shared fixtures: tiny checkpoints, generated reviews, a temporary /opt/ml, a `train` runner, and the
+built CPU image (session-scoped: built once per run)."""
 
+import glob
 import gzip
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -133,3 +137,62 @@ def distilbert_job(tmp_path_factory, distilbert_dir):
     result = run_train(base, distilbert_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     return base, result
+
+
+# The built CPU image, as CI builds it here: buildah from a local debootstrap base (no registry is
+# reachable), a generated checkpoint as the baked weights; run with podman (test_image.py, with
+# --network none) and through the SageMaker SDK's local mode (test_sagemaker_local.py). Built once
+# per run: a session fixture.
+
+BASE_IMAGE = "localhost/review-trainer-base:bookworm"
+IMAGE = "localhost/review-trainer:ci"
+CONTAINER_TOOLS = ("buildah", "podman", "debootstrap", "runc")
+STORAGE = ["--storage-driver", "overlay"]
+PODMAN = ["podman", *STORAGE, "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
+PODMAN_RUN = [*PODMAN, "run",
+              "--network", "none", "--hostname", "algo-1",
+              "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
+
+
+def _build_base_image(workdir):
+    if subprocess.run(["buildah", *STORAGE, "inspect", BASE_IMAGE], capture_output=True).returncode == 0:
+        return  # built earlier in this run (or on this machine)
+    mirror = next((line.split()[1] for path in glob.glob("/etc/apt/sources.list.d/*.sources")
+                   for line in open(path) if line.startswith("URIs:")), "http://deb.debian.org/debian")
+    rootfs = os.path.join(workdir, "rootfs")
+    subprocess.run(["debootstrap", "--variant=minbase", "bookworm", rootfs, mirror], check=True,
+                   capture_output=True)
+    subprocess.run(["tar", "-C", rootfs, "-cf", os.path.join(workdir, "rootfs.tar"), "."], check=True)
+    with open(os.path.join(workdir, "Dockerfile"), "w") as f:
+        f.write("FROM scratch\nADD rootfs.tar /\n")
+    subprocess.run(["buildah", *STORAGE, "bud", "--isolation", "chroot", "-t", BASE_IMAGE, workdir], check=True,
+                   capture_output=True)
+    shutil.rmtree(rootfs)
+
+
+@pytest.fixture(scope="session")
+def built_image(tmp_path_factory):
+    missing = [t for t in CONTAINER_TOOLS if not shutil.which(t)]
+    if missing:
+        if os.environ.get("REQUIRE_CONTAINER_TESTS"):
+            pytest.fail(f"container tests required but {', '.join(missing)} missing")
+        pytest.skip(f"needs {', '.join(missing)} (installed by .ci/run)")
+    from tiny_pretrained import make_distilbert
+
+    started = time.monotonic()
+    _build_base_image(str(tmp_path_factory.mktemp("base")))
+    weights = os.path.join(REPO, "docker", "weights", "ci-tiny")
+    shutil.rmtree(weights, ignore_errors=True)
+    make_distilbert(weights)
+    ca_bundle = "/etc/ssl/certs/ca-certificates.crt"
+    build = subprocess.run(
+        ["buildah", *STORAGE, "bud", "--isolation", "chroot", "--layers", "--target", "cpu",
+         "-v", f"{ca_bundle}:/host-ca.crt:ro", "--build-arg", "PIP_CERT=/host-ca.crt",
+         "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "--build-arg", "PRETRAINED_SOURCE=local",
+         "--build-arg", "PRETRAINED_LOCAL_DIR=ci-tiny", "--build-arg", "VERSION=0.1.0-ci",
+         "-t", IMAGE, REPO], capture_output=True, text=True)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    size = int(subprocess.run(["podman", *STORAGE, "image", "inspect", "--format", "{{.Size}}", IMAGE],
+                              capture_output=True, text=True, check=True).stdout)
+    print(f"\nimage {IMAGE}: {size / 1e9:.2f} GB, base and build {time.monotonic() - started:.0f} s")
+    return size
