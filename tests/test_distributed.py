@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -216,6 +217,34 @@ def test_two_hosts_train_one_model_with_the_weights_of_one_device_and_the_same_g
         assert not os.path.exists(path) or os.listdir(path) == [], (folder, os.listdir(path))
     assert os.path.exists(os.path.join(bases["algo-2"], "output", "success"))
 
+
+
+def test_two_hosts_in_pipe_mode_read_by_record_and_end_with_the_one_device_weights(
+        tmp_path, two_hosts, deterministic_dir, one_device_run):
+    """Pipe mode, FullyReplicated: each host streams the whole channel from its own FIFOs and keeps
+    its share of each global batch; both reach the end of every pass at the same step."""
+    from test_pipe_mode import as_pipe_job
+
+    bases = two_host_bases(str(tmp_path))
+    writers = []
+    for base in bases.values():
+        with open(os.path.join(base, "input", "config", "inputdataconfig.json")) as f:
+            channels = {name: {} for name in json.load(f)}
+        for name in channels:
+            folder = os.path.join(base, "input", "data", name)
+            channels[name] = {file: Path(folder, file).read_bytes() for file in os.listdir(folder)}
+        writers += as_pipe_job(base, channels, "RecordIO", {"train": 2, "validation": 2, "test": 1})
+    try:
+        results, _ = run_hosts(two_hosts, bases, deterministic_dir)
+    finally:
+        for writer in writers:
+            writer.close()
+    for host, (exit_code, log) in results.items():
+        assert exit_code == 0, (host, log[-3000:])
+        assert "channel=train input_mode=Pipe sharding=record" in log
+        assert len(re.findall(r"^channel=train pipe=\S+/train_[01] objects=1 rows=108 bad_rows=0$", log, re.M)) == 2
+        assert_same_metrics(log, one_device_run[1])
+    assert_same_weights(bases["algo-1"], one_device_run[0])
 
 def test_sigterm_to_one_host_stops_both_after_the_same_step_and_the_rerun_resumes_exactly(
         tmp_path, two_hosts, two_host_run, deterministic_dir):

@@ -231,6 +231,24 @@ def test_auto_interval_keeps_saving_under_five_percent_of_step_time():
     assert checkpointer.interval() == 7
 
 
+def test_the_position_of_an_epochs_end_is_saved_even_when_its_step_was_saved_before(tmp_path):
+    """Pipe mode resumes from the position (an epoch's length is known only once its pass ended):
+    a save at the pass's last step by interval, or a stop there, must not keep the previous epoch's."""
+    store = checkpointing.CheckpointStore(str(tmp_path), keep=2)
+    checkpointer = checkpointing.Checkpointer(store, {}, _tiny_model(), 0, 7, print_fn=lambda _: None,
+                                              resume_by_position=True)
+    checkpointer.on_step_end(7)  # the pass's last step, saved by interval before anyone knows
+    assert store.latest().position == {"epochs_done": 0, "epoch_start_step": 0}
+    checkpointer.on_epoch_trained(1, 7)
+    checkpointer.on_epoch_end(1, 7)
+    assert (store.latest().global_step, store.latest().position) == (7, {"epochs_done": 1, "epoch_start_step": 7})
+    checkpointer.on_step_end(9)
+    checkpointer.on_epoch_trained(2, 9)  # a stop during validation: resumes in epoch 3
+    checkpointer.on_stop(9)
+    assert (store.latest().global_step, store.latest().position) == (9, {"epochs_done": 2, "epoch_start_step": 9})
+    assert checkpointer.saves == 3  # step 7 twice (interval, then its epoch end), step 9 at the stop
+
+
 def test_a_host_without_a_store_saves_nothing_and_says_the_chief_writes():
     worker = checkpointing.Checkpointer(None, {}, _tiny_model(), 5, 1, checkpointing_on=True)
     worker.on_step_end(6)

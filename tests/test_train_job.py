@@ -34,7 +34,7 @@ def test_success_leaves_the_model_evaluation_and_success_file(distilbert_job):
     model = os.path.join(base, "model")
     assert os.path.exists(os.path.join(base, "output", "success"))
     assert not os.path.exists(os.path.join(base, "output", "failure"))
-    assert sorted(os.listdir(model)) == ["label_map.json", "manifest.json", "metrics", "tensorflow", "tokenizer"]
+    assert sorted(os.listdir(model)) == ["hf", "label_map.json", "manifest.json", "metrics", "tensorflow", "tokenizer"]
     assert os.path.exists(os.path.join(model, "tensorflow", "saved_model", "0", "saved_model.pb"))
     assert sorted(os.listdir(os.path.join(model, "metrics"))) == ["confusion_matrix.png", "evaluation.json"]
     assert {"vocab.txt", "tokenizer_config.json"} <= set(os.listdir(os.path.join(model, "tokenizer")))
@@ -159,6 +159,8 @@ def test_bert_checkpoint_with_csv_jsonl_parquet_and_tfrecord_channels(tmp_path, 
     assert "format=tfrecord" in result.stdout and "format=parquet" in result.stdout
     assert "format=jsonl+gzip" in result.stdout and "format=csv" in result.stdout
     assert "sample_prediction label=" not in result.stdout
+    assert "hf/ skipped: the bilstm head has no transformers architecture" in result.stdout
+    assert not os.path.exists(os.path.join(base, "model", "hf"))
     assert os.listdir(os.path.join(base, "spot-checkpoints")) == ["step-000000007"]  # ceil(50 / 8) steps
     assert sorted(os.listdir(os.path.join(base, "output", "tensorboard"))) == ["train", "validation"]
     # TensorBoard's own reader finds the epoch's metrics under Keras's names, equal to the log's.

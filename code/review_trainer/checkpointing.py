@@ -45,8 +45,10 @@ TRAJECTORY_HYPERPARAMETERS = (
 )
 
 
-def fingerprint(hp, train_channel, pretrained_checkpoint, precision, topology):
-    """What must be equal for a checkpoint to be resumed, as {component: value}."""
+def fingerprint(hp, train_channel, pretrained_checkpoint, precision, topology, train_input=None):
+    """What must be equal for a checkpoint to be resumed, as {component: value}.
+
+    A Pipe-mode train channel (train_input) has no file hashes: its FIFOs are read once."""
     components = {f"hyperparameter {name}": str(getattr(hp, name)) for name in TRAJECTORY_HYPERPARAMETERS}
     components["precision"] = precision
     # The data each step reads and the global batch follow from these (train_batch_size is per replica).
@@ -56,6 +58,8 @@ def fingerprint(hp, train_channel, pretrained_checkpoint, precision, topology):
         components[f"pretrained {name} sha256"] = sha256_file(os.path.join(pretrained_checkpoint.path, name))
     for f in train_channel.files:
         components[f"train file {os.path.basename(f.path)} sha256"] = f.sha256
+    if train_input:
+        components["train input"] = train_input
     return components
 
 
@@ -78,6 +82,7 @@ class SavedCheckpoint:
     global_step: int
     fingerprint: dict
     variable_shapes: list  # paths are kept for people: auto-named layers differ between processes
+    position: dict = dataclasses.field(default_factory=dict)  # see Checkpointer.position
 
 
 class CheckpointStore:
@@ -86,7 +91,7 @@ class CheckpointStore:
         self.keep = keep
         self.print_fn = print_fn
 
-    def save(self, variables, global_step, fingerprint_):
+    def save(self, variables, global_step, fingerprint_, position=None):
         """Writes a complete checkpoint atomically; returns the seconds it took."""
         started = time.perf_counter()
         os.makedirs(self.directory, exist_ok=True)
@@ -101,6 +106,7 @@ class CheckpointStore:
             os.fsync(f.fileno())
         manifest = {
             "global_step": global_step,
+            "position": position or {},
             "fingerprint": fingerprint_,
             "variables": [[v.path, list(v.shape)] for v in variables],
             "files": {STATE_FILE: {"size": os.path.getsize(state_path), "sha256": sha256_file(state_path)}},
@@ -127,7 +133,7 @@ class CheckpointStore:
                 with open(os.path.join(path, MANIFEST_FILE)) as f:
                     manifest = json.load(f)
                 return SavedCheckpoint(path, manifest["global_step"], manifest["fingerprint"],
-                                       [shape for _, shape in manifest["variables"]])
+                                       [shape for _, shape in manifest["variables"]], manifest.get("position", {}))
             self.print_fn(f"warning: skipping checkpoint {path}: {problem}")
         return None
 
@@ -214,7 +220,7 @@ _FRESH, _RESUMED, _FAILED = 0, 1, 2  # the chief's decision, as the other hosts 
 
 
 def resume(store, model, fingerprint_, topology, total_steps, print_fn=print):
-    """The global step to start from: the newest checkpoint written by this same job, restored.
+    """(global step, position) to start from: the newest checkpoint written by this same job, restored.
 
     Only the chief reads checkpoints (`store` is None on the other hosts). With several workers it
     sends its decision and the restored state to them, so its checkpoint folder is the only one
@@ -240,7 +246,9 @@ def resume(store, model, fingerprint_, topology, total_steps, print_fn=print):
                 error = CheckpointError(f"the checkpoint {saved.path} could not be read ({type(unreadable).__name__}: "
                                         f"{unreadable}); delete it, or set resume=false to start fresh")
     outcome = _FAILED if error else _RESUMED if saved else _FRESH
-    decision = np.array([outcome, saved.global_step if outcome == _RESUMED else 0])
+    position = saved.position if outcome == _RESUMED else {}
+    decision = np.array([outcome, saved.global_step if outcome == _RESUMED else 0,
+                         position.get("epochs_done", 0), position.get("epoch_start_step", 0)])
     if topology.num_workers > 1:
         decision = topology.broadcast_from_chief([decision])[0]
         if decision[0] == _RESUMED:
@@ -253,8 +261,8 @@ def resume(store, model, fingerprint_, topology, total_steps, print_fn=print):
             f"the chief host {topology.hosts[0]} could not resume from its checkpoint; its failure file says why")
     if decision[0] == _RESUMED:
         where = saved.path if saved else f"the chief's checkpoint (sent by {topology.hosts[0]})"
-        print_fn(f"resumed from {where}: global step {decision[1]} of {total_steps}")
-    return int(decision[1])
+        print_fn(f"resumed from {where}: global step {decision[1]} of {total_steps or '? (Pipe mode)'}")
+    return int(decision[1]), {"epochs_done": int(decision[2]), "epoch_start_step": int(decision[3])}
 
 
 class Checkpointer:
@@ -265,8 +273,15 @@ class Checkpointer:
     writes; the other hosts resume from the chief's checkpoint (see resume).
     """
 
-    def __init__(self, store, fingerprint_, model, start_step, every_n_steps, checkpointing_on=True, print_fn=print):
+    def __init__(self, store, fingerprint_, model, start_step, every_n_steps, checkpointing_on=True, print_fn=print,
+                 position=None, resume_by_position=False):
         self.store = store
+        # Where the last epoch's training pass ended: a Pipe-mode job, whose epochs' lengths are
+        # only known once read, resumes in epoch epochs_done + 1, skipping step - epoch_start_step
+        # steps of its pass. (A stop during validation resumes in the next epoch, as in File mode.)
+        self.position = position or {"epochs_done": 0, "epoch_start_step": 0}
+        self._saved_position = self.position
+        self.resume_by_position = resume_by_position  # Pipe mode; File mode's epochs follow from the step
         self.checkpointing_on = checkpointing_on
         self.fingerprint = fingerprint_
         self.model = model
@@ -291,13 +306,17 @@ class Checkpointer:
         if self.store is not None and step - self.last_saved_step >= self.interval():
             self._save(step)
 
+    def on_epoch_trained(self, epoch, step):
+        """The epoch's training pass has ended (before validation)."""
+        self.position = {"epochs_done": epoch, "epoch_start_step": step}
+
     def on_epoch_end(self, epoch, step, logs=None):
-        if self.store is not None and self.last_saved_step != step:
+        if self.store is not None and (self.last_saved_step != step or self._position_unsaved()):
             self._save(step)
 
     def on_stop(self, step):
         """Saves the step the job stops at; returns what became of the progress."""
-        if self.store is not None and self.last_saved_step != step:
+        if self.store is not None and (self.last_saved_step != step or self._position_unsaved()):
             self._save(step)
         if not self.checkpointing_on:
             return ("checkpointing is off, so the progress is lost: set enable_checkpointing=true "
@@ -306,6 +325,11 @@ class Checkpointer:
             return "this host is not the chief; the chief host writes the checkpoint"
         return (f"a checkpoint of step {self.last_saved_step} is in {self.store.directory}: run the job again "
                 "with the same checkpoint location (a spot job does this itself) to resume from it")
+
+    def _position_unsaved(self):
+        """A save at this very step (by interval) may hold the previous epoch's position: in Pipe
+        mode it is saved again, since a resume would otherwise read a whole pass for nothing."""
+        return self.resume_by_position and self._saved_position != self.position
 
     def interval(self):
         """Steps between checkpoints: fixed, or so that saving stays under TARGET_SHARE of time."""
@@ -322,7 +346,8 @@ class Checkpointer:
         return max(1, math.ceil(save_seconds / (TARGET_SHARE * step_seconds)))
 
     def _save(self, step):
-        seconds = self.store.save(training_variables(self.model), step, self.fingerprint)
+        seconds = self.store.save(training_variables(self.model), step, self.fingerprint, self.position)
+        self._saved_position = self.position
         self.saves += 1
         self.save_seconds += seconds
         self.last_save_seconds = seconds

@@ -8,7 +8,8 @@ Nothing else in the package reads `/opt/ml` paths or `SM_*` variables. The layou
     ├── input/config/inputdataconfig.json   the channels
     ├── input/config/checkpointconfig.json  LocalPath of checkpoints (optional)
     ├── input/config/tensorboardoutputconfig.json  LocalPath of TensorBoard logs (optional)
-    ├── input/data/<channel>/...            the channel's files
+    ├── input/data/<channel>/...            the channel's files (TrainingInputMode File or FastFile)
+    ├── input/data/<channel>_<pass>         Pipe mode: a FIFO per pass over the channel (0, 1, ...)
     ├── model/                              what SageMaker uploads as model.tar.gz
     ├── output/success | output/failure     how the job ended
     └── output/data/                        uploaded as output.tar.gz
@@ -40,6 +41,7 @@ class TrainingEnvironment:
     hyperparameters: dict  # raw values, as written in hyperparameters.json
     channel_dirs: dict  # channel name -> folder, for channels whose folder exists
     channel_distribution: dict  # channel name -> S3DistributionType: FullyReplicated or ShardedByS3Key
+    pipe_channels: dict  # Pipe-mode channel name -> (FIFO path prefix, RecordWrapperType: "None" or "RecordIO")
     hosts: list
     current_host: str
     num_gpus: int
@@ -117,11 +119,11 @@ def read_environment():
     data_dir = os.path.join(root, "input", "data")
     if input_data_config is None:  # a local run without inputdataconfig.json: the folders are the channels
         input_data_config = {name: {} for name in (sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else [])}
-    channel_names = list(input_data_config)
+    pipe_channels = _pipe_channels(input_data_config, data_dir)
     channel_dirs = {
         name: os.path.join(data_dir, name)
-        for name in channel_names
-        if os.path.isdir(os.path.join(data_dir, name))
+        for name in input_data_config
+        if name not in pipe_channels and os.path.isdir(os.path.join(data_dir, name))
     }
 
     from sagemaker_training import environment as sagemaker_environment
@@ -130,7 +132,7 @@ def read_environment():
     # fixed at import; hand it non-empty dicts so it reads nothing. Only its topology is used.
     sm = sagemaker_environment.Environment(
         resource_config=resource_config,
-        input_data_config={name: {} for name in channel_dirs} or {TRAIN_CHANNEL: {}},
+        input_data_config={name: {} for name in [*channel_dirs, *pipe_channels]} or {TRAIN_CHANNEL: {}},
         hyperparameters={
             key: value for key, value in hyperparameters.items() if key.startswith("sagemaker_")
         }
@@ -147,8 +149,10 @@ def read_environment():
         hyperparameters=hyperparameters,
         channel_dirs=channel_dirs,
         channel_distribution={
-            name: (input_data_config[name] or {}).get("S3DistributionType", "FullyReplicated") for name in channel_dirs
+            name: (input_data_config[name] or {}).get("S3DistributionType", "FullyReplicated")
+            for name in [*channel_dirs, *pipe_channels]
         },
+        pipe_channels=pipe_channels,
         hosts=list(sm.hosts),
         current_host=sm.current_host,
         num_gpus=sm.num_gpus,
@@ -160,6 +164,29 @@ def read_environment():
         image_version=os.environ.get("IMAGE_VERSION"),
         default_pretrained_model_dir=os.environ.get("PRETRAINED_MODEL_DIR"),
     )
+
+
+INPUT_MODES = ("File", "FastFile", "Pipe")
+RECORD_WRAPPERS = ("None", "RecordIO")
+
+
+def _pipe_channels(input_data_config, data_dir):
+    """{name: (FIFO prefix, RecordWrapperType)} of the channels in Pipe mode; File and FastFile
+    channels are folders (FastFile streams from S3 behind the same folder)."""
+    pipes = {}
+    for name, config in input_data_config.items():
+        config = config or {}
+        mode = config.get("TrainingInputMode", "File")
+        wrapper = config.get("RecordWrapperType", "None")
+        if mode not in INPUT_MODES or wrapper not in RECORD_WRAPPERS:
+            raise DataError(
+                f"inputdataconfig.json: channel {name!r} has TrainingInputMode={mode!r} and RecordWrapperType="
+                f"{wrapper!r}; this job reads TrainingInputMode {', '.join(INPUT_MODES)} and RecordWrapperType "
+                f"{', '.join(RECORD_WRAPPERS)}"
+            )
+        if mode == "Pipe":
+            pipes[name] = (os.path.join(data_dir, name), wrapper)
+    return pipes
 
 
 def make_writable_folder(path):

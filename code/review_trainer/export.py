@@ -5,6 +5,8 @@
     │                               input_ids, input_mask (int32 [-1, max_seq_length]) -> probabilities
     ├── tokenizer/                  the checkpoint's vocab.txt and tokenizer files
     ├── label_map.json              class index -> label value
+    ├── hf/                         head=cls: the same classifier for transformers in PyTorch
+    │                               (transformers_export.py)
     ├── metrics/                    evaluation.json and confusion_matrix.png (when the test ran)
     └── manifest.json               hyperparameters, data files with hashes, library versions
 

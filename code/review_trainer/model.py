@@ -1,9 +1,10 @@
 """The classifier: a pretrained encoder and a small classification head that outputs logits.
 
 Inputs are `token_ids` and `padding_mask` (int32, [batch, max_seq_length]); BERT's segment ids
-are all zero for a single text. The `cls` head reads the [CLS] vector (through BERT's pretrained
-pooler where there is one, as BertForSequenceClassification does) with the checkpoint's own
-classifier dropout; `bilstm` is the book's head. The last layer stays float32 under mixed precision so that the
+are all zero for a single text. The `cls` head is transformers' *ForSequenceClassification head, so
+that the model folder's `hf/` export (transformers_export.py) is the same network in PyTorch: BERT
+reads [CLS] through its pretrained pooler, DistilBERT through a new dense + ReLU layer
+(`pre_classifier`), each with the checkpoint's own classifier dropout. `bilstm` is the book's head. The last layer stays float32 under mixed precision so that the
 logits and the loss are computed in full precision.
 """
 
@@ -25,6 +26,9 @@ def build_classifier(backbone, num_classes, max_seq_length, head="cls", dropout=
     pooled = encoded["pooled_output"] if isinstance(encoded, dict) else sequence[:, 0, :]
 
     if head == "cls":
+        if not isinstance(encoded, dict):  # DistilBERT: DistilBertForSequenceClassification's pre_classifier
+            pooled = keras.layers.Dense(backbone.hidden_dim, activation="relu", name="pre_classifier",
+                                        kernel_initializer=keras.initializers.RandomNormal(stddev=0.02))(pooled)
         x = keras.layers.Dropout(dropout, name="cls_dropout")(pooled)
     else:  # the book's head
         if isinstance(encoded, dict):  # the pooler is unused: keep it out of the optimizer

@@ -7,7 +7,8 @@ Read top to bottom, this is the job:
   4. build the classifier in the strategy's scope, resume from the newest checkpoint, and train it
      in training_loop.py (SIGTERM: every host stops after the same step, the chief checkpoints)
   5. evaluate on the test channel, print sample predictions
-  6. export the SavedModel, tokenizer, label map, metrics and manifest; publish them; success
+  6. export the SavedModel, tokenizer, label map, PyTorch (transformers) copy, metrics and manifest;
+     publish them; success
 
 Any error ends in output/failure (first line `<Kind>: <message>`) and a non-zero exit code; see
 errors.py. Training runs in this process, which handles SIGTERM itself (stopping.py).
@@ -19,7 +20,7 @@ import sys
 import traceback
 
 import keras
-from review_trainer import checkpointing, data, environment, evaluate, export, precision
+from review_trainer import checkpointing, data, environment, evaluate, export, precision, transformers_export
 from review_trainer.data import sharding
 from review_trainer.errors import (
     EXIT_INTERNAL_ERROR,
@@ -44,10 +45,11 @@ def run(env, stop_signal):
     # 1. contract, hyperparameters, and the topology (its strategy comes before any other TensorFlow op)
     hp = Hyperparameters.from_dict(env.hyperparameters)
     topology = Topology.set_up(env, hp)
-    if environment.TRAIN_CHANNEL not in env.channel_dirs:
+    if environment.TRAIN_CHANNEL not in env.channel_dirs and environment.TRAIN_CHANNEL not in env.pipe_channels:
+        present = [*env.channel_dirs, *env.pipe_channels]
         raise DataError(
             f"the required channel 'train' is missing: expected files under "
-            f"{env.base_dir}/input/data/train (channels present: {', '.join(env.channel_dirs) or 'none'})"
+            f"{env.base_dir}/input/data/train (channels present: {', '.join(present) or 'none'})"
         )
     capability = precision.gpu_compute_capability()
     policy = precision.choose_policy(hp.use_amp, capability, precision.cpu_has_bf16())
@@ -79,31 +81,51 @@ def run(env, stop_signal):
     # 3. data: scanned here (on every host, the test channel too: the hosts stay in step, and bad data
     #    fails them all at the start), read through this worker's shard (data/sharding.py)
     spec = data.RowSpec(hp.text_column, hp.label_column, hp.classes, hp.max_seq_length)
+    #    A Pipe-mode channel is not scanned: its FIFOs are read once, pass by pass (data/pipe.py).
     wanted = {"train": True, "validation": hp.run_validation, "test": hp.run_test}
-    channels = {}
+    channels, pipes, pipe_readers = {}, {}, {}  # pipe_readers: each Pipe channel's data.PipePasses
     for name, is_wanted in wanted.items():
-        if name not in env.channel_dirs:
+        if name not in env.channel_dirs and name not in env.pipe_channels:
             print(f"channel={name} skipped: no {name} channel")
             continue
         if not is_wanted:
             print(f"channel={name} skipped: run_{name}=false")
             continue
+        if name in env.pipe_channels:
+            pipes[name] = data.PipeChannel(name, *env.pipe_channels[name])
+            channels[name] = data.ChannelSummary(name, [])
+            check_pipe_mode(name, hp, topology, env.channel_distribution[name])
+            print(f"channel={name} input_mode=Pipe record_wrapper={pipes[name].record_wrapper} fifos="
+                  f"{pipes[name].fifo('<pass>')}: not scanned (a FIFO is read once); rows are counted as they "
+                  "stream and max_bad_row_fraction is checked at the end of each pass")
+            continue
         channels[name] = data.scan_channel(name, env.channel_dirs[name], spec, hp.max_bad_row_fraction)
         for line in data.describe(channels[name]):
             print(line)
     topology.barrier("the data scan")
-    train_shard = sharding.for_training(channels["train"], topology, env.channel_distribution["train"])
-    print(f"channel=train {train_shard.describe(hp.train_batch_size)}")
-    steps_per_epoch = hp.train_steps_per_epoch or train_shard.steps_per_pass(hp.train_batch_size)
-    total_steps = hp.epochs * steps_per_epoch
+    if "train" in pipes:  # an epoch is a pass, as long as the FIFO
+        train_shard = sharding.for_pipe(topology)
+        steps_per_epoch = total_steps = None
+        print(f"channel=train input_mode=Pipe sharding={train_shard.by} reason={train_shard.reason}")
+    else:
+        train_shard = sharding.for_training(channels["train"], topology, env.channel_distribution["train"])
+        print(f"channel=train {train_shard.describe(hp.train_batch_size)}")
+        steps_per_epoch = hp.train_steps_per_epoch or train_shard.steps_per_pass(hp.train_batch_size)
+        total_steps = hp.epochs * steps_per_epoch
     validation = None
     if "validation" in channels:
-        shard = sharding.for_evaluation(channels["validation"], topology, env.channel_distribution["validation"])
-        batches = topology.distribute(lambda: data.make_dataset(
-            channels["validation"], spec, tokenizer, hp.validation_batch_size,
-            repeat=hp.validation_steps is not None, endless=True, shard=shard))
-        validation = (batches, hp.validation_steps or shard.steps_per_pass(hp.validation_batch_size))
-        print(f"channel=validation {shard.describe(hp.validation_batch_size)}")
+        if "validation" in pipes:
+            pipe_readers["validation"] = data.PipePasses(
+                pipes["validation"], spec, tokenizer, hp.validation_batch_size, hp.max_bad_row_fraction,
+                sharding.for_pipe(topology), topology=topology)
+            validation = (pipe_readers["validation"], None)
+        else:
+            shard = sharding.for_evaluation(channels["validation"], topology, env.channel_distribution["validation"])
+            batches = topology.distribute(lambda: data.make_dataset(
+                channels["validation"], spec, tokenizer, hp.validation_batch_size,
+                repeat=hp.validation_steps is not None, endless=True, shard=shard))
+            validation = (batches, hp.validation_steps or shard.steps_per_pass(hp.validation_batch_size))
+            print(f"channel=validation {shard.describe(hp.validation_batch_size)}")
 
     # 4. model, resume, training: built, compiled and restored in the strategy's scope
     checkpointing_on = hp.enable_checkpointing or env.checkpoint_config_present
@@ -117,22 +139,32 @@ def run(env, stop_signal):
         # float16: compile wraps the optimizer in Keras's LossScaleOptimizer
         model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate, epsilon=hp.epsilon))
         model.optimizer.build(model.trainable_variables)
-        fingerprint = store and checkpointing.fingerprint(hp, channels["train"], pretrained, policy, topology)
-        global_step = checkpointing.resume(store, model, fingerprint, topology, total_steps)
+        fingerprint = store and checkpointing.fingerprint(
+            hp, channels["train"], pretrained, policy, topology,
+            train_input=f"Pipe RecordWrapperType={pipes['train'].record_wrapper}" if "train" in pipes else None)
+        global_step, position = checkpointing.resume(store, model, fingerprint, topology, total_steps)
     checkpointer = checkpointing.Checkpointer(store, fingerprint, model, global_step, hp.checkpoint_every_n_steps,
-                                              checkpointing_on=checkpointing_on)
+                                              checkpointing_on=checkpointing_on, position=position,
+                                              resume_by_position="train" in pipes)
     hooks = [MetricLogger(hp.log_every_n_steps), checkpointer]
     if hp.enable_tensorboard and topology.is_chief:
         hooks.append(TensorBoardLog(env.tensorboard_dir))
-    train_batches = topology.distribute(lambda: data.make_training_stream(
-        channels["train"], spec, tokenizer, hp.train_batch_size, hp.seed, start_step=global_step, shard=train_shard))
+    if "train" in pipes:
+        train_batches = pipe_readers["train"] = data.PipePasses(
+            pipes["train"], spec, tokenizer, hp.train_batch_size, hp.max_bad_row_fraction, train_shard, seed=hp.seed,
+            topology=topology)
+    else:
+        train_batches = topology.distribute(lambda: data.make_training_stream(
+            channels["train"], spec, tokenizer, hp.train_batch_size, hp.seed, start_step=global_step,
+            shard=train_shard))
     loop = TrainingLoop(topology, model, jit_compile=jit_compile, batch_sizes={
         "train_batch_size": hp.train_batch_size, "validation_batch_size": hp.validation_batch_size})
-    print(f"training: {hp.epochs} epoch(s) of {steps_per_epoch} steps from step {global_step}, "
+    print(f"training: {hp.epochs} epoch(s) of {steps_per_epoch or 'one Pipe-mode pass of'} steps from step {global_step}, "
           f"{model.count_params():,} parameters ({'encoder frozen' if hp.freeze_bert_layer else 'all trainable'})")
     with stop_signal.deferred():
         training_seconds = loop.fit(train_batches, start_step=global_step, steps_per_epoch=steps_per_epoch,
-                                    epochs=hp.epochs, validation=validation, stop_signal=stop_signal, hooks=hooks)
+                                    epochs=hp.epochs, validation=validation, stop_signal=stop_signal, hooks=hooks,
+                                    position=position)
     if checkpointer.saves:
         print(f"checkpoints={checkpointer.saves} checkpoint_seconds_total={checkpointer.save_seconds:.2f} "
               f"training_seconds={training_seconds:.1f} "
@@ -147,11 +179,23 @@ def run(env, stop_signal):
     # 5. evaluation
     report = None
     if "test" in channels:
-        test_data = data.make_dataset(channels["test"], spec, tokenizer, hp.test_batch_size,
-                                      repeat=hp.test_steps is not None)
-        if hp.test_steps is not None:
-            test_data = test_data.take(hp.test_steps)
-        labels, probabilities, test_loss = evaluate.predict(model, test_data)
+        if "test" in pipes:
+            test_pipe = pipe_readers["test"] = data.PipePasses(pipes["test"], spec, tokenizer, hp.test_batch_size,
+                                                               hp.max_bad_row_fraction)
+            test_data = test_pipe.dataset()
+        else:
+            test_data = data.make_dataset(channels["test"], spec, tokenizer, hp.test_batch_size,
+                                          repeat=hp.test_steps is not None)
+            if hp.test_steps is not None:
+                test_data = test_data.take(hp.test_steps)
+        try:
+            labels, probabilities, test_loss = evaluate.predict(model, test_data)
+        except ValueError:  # no batch at all: a Pipe-mode pass that broke off or had no good row says why
+            if "test" in pipes:
+                test_pipe.finish()
+            raise
+        if "test" in pipes:
+            test_pipe.finish()
         report = evaluate.classification_report(labels, probabilities.argmax(axis=1), hp.classes, seed=hp.seed)
         scores = report["multiclass_classification_metrics"]
         print(format_metrics(test_loss=test_loss, test_accuracy=scores["accuracy"]["value"],
@@ -170,6 +214,12 @@ def run(env, stop_signal):
     export.export_saved_model(model, hp.max_seq_length, os.path.join(staged, export.SAVED_MODEL_PATH))
     export.copy_tokenizer(pretrained.path, os.path.join(staged, "tokenizer"), hp.max_seq_length)
     export.write_label_map(hp.classes, os.path.join(staged, "label_map.json"))
+    if hp.head == "cls":
+        architecture = transformers_export.export_transformers(model, backbone, pretrained, hp.classes,
+                                                               hp.max_seq_length, os.path.join(staged, "hf"))
+        print(f"hf/ written: {architecture} for transformers (PyTorch)")
+    else:
+        print(f"hf/ skipped: the {hp.head} head has no transformers architecture (only head=cls exports one)")
     export.write_json({
         "job_name": env.job_name,
         "image_version": env.image_version,
@@ -180,6 +230,8 @@ def run(env, stop_signal):
         "xla": jit_compile,
         "training_seconds": round(training_seconds, 1),
         "data": {name: [f.to_dict() for f in channel.files] for name, channel in channels.items()},
+        "pipe_mode": {name: {"record_wrapper": pipes[name].record_wrapper, "passes": reader.passes}
+                      for name, reader in pipe_readers.items()},
         "libraries": export.library_versions(),
         "test_metrics": report and {k: v["value"] for k, v in report["multiclass_classification_metrics"].items()
                                     if isinstance(v, dict) and "value" in v},
@@ -188,6 +240,20 @@ def run(env, stop_signal):
         evaluate.write_report(report, os.path.join(env.output_data_dir, "evaluation.json"))
     export.publish(model_dir)
     print(f"model written to {model_dir}")
+
+
+def check_pipe_mode(channel, hp, topology, distribution):
+    """What a Pipe-mode channel cannot do: its passes' lengths are known only once read."""
+    fixed_steps = {"train": "train_steps_per_epoch", "validation": "validation_steps", "test": "test_steps"}[channel]
+    if getattr(hp, fixed_steps) is not None:
+        raise HyperparameterError(
+            f"{fixed_steps} is set, but channel {channel!r} is in Pipe mode, where a pass is one FIFO, read "
+            f"to its end; unset {fixed_steps}, or use File or FastFile mode")
+    if topology.num_workers > 1 and distribution == sharding.SHARDED_BY_S3_KEY:
+        raise DataError(
+            f"channel {channel!r}: Pipe mode with S3DistributionType=ShardedByS3Key on {topology.num_workers} hosts: "
+            "the hosts' passes would end at different steps; use FullyReplicated (each host streams the "
+            "channel and keeps its share of each batch), or File or FastFile mode")
 
 
 def main():

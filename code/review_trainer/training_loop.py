@@ -11,7 +11,8 @@ through this loop, read top to bottom like nanoGPT's. A step runs on every repli
                every host sees the same sum, so all stop after the same step
 
 Hooks (metric lines, TensorBoard, checkpoints) are plain objects with any of on_epoch_begin,
-on_step_end, on_epoch_end and on_stop; on_stop returns what became of the progress.
+on_step_end, on_epoch_trained (the training pass ended; validation comes next), on_epoch_end and
+on_stop; on_stop returns what became of the progress.
 """
 
 import dataclasses
@@ -128,13 +129,18 @@ class TrainingLoop:
         return tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.float32))
 
     def _step(self, step_fn, iterator, stop_signal, what, batch_size_name="train_batch_size"):
-        """Runs one step; returns (Totals, stop reason or None) as every worker sees them."""
+        """Runs one step; returns (Totals, stop reason or None) as every worker sees them, or
+        (None, None) when a finite dataset (a Pipe-mode pass) has ended."""
         import tensorflow as tf
 
         votes = np.array([stop_signal.received == reason for reason in STOP_REASONS], np.float32)
         try:
             with self.topology.collectives(what):
-                sums = step_fn(next(iterator), votes).numpy()
+                try:
+                    batch = next(iterator)
+                except (StopIteration, tf.errors.OutOfRangeError):
+                    return None, None
+                sums = step_fn(batch, votes).numpy()
         except tf.errors.ResourceExhaustedError as error:
             raise ResourceError(
                 f"out of memory during {what} with {batch_size_name}={self.batch_sizes[batch_size_name]} "
@@ -146,11 +152,17 @@ class TrainingLoop:
         return totals, stop
 
     # The run
-    def fit(self, train_batches, *, start_step, steps_per_epoch, epochs, validation, stop_signal, hooks):
+    def fit(self, train_batches, *, start_step, steps_per_epoch, epochs, validation, stop_signal, hooks,
+            position=None):
         """Trains from start_step to epochs * steps_per_epoch; returns the training seconds.
 
-        validation: (distributed dataset, steps) or None. A stop agreed in a step (or during
-        validation) ends the run after that step: hooks' on_stop, then JobStopped.
+        Pipe mode (steps_per_epoch None): train_batches is a data.PipePasses; an epoch is one pass,
+        `epoch(n)`, and ends where its data ends; `finish()` then raises what went wrong in it.
+        A resumed job starts in epoch position["epochs_done"] + 1, skipping the steps that the
+        checkpoint's epoch had taken (see Checkpointer.position).
+        validation: (distributed dataset, steps) or None; (PipePasses, None) in Pipe mode. A stop
+        agreed in a step (or during validation) ends the run after that step: hooks' on_stop, then
+        JobStopped.
         """
         def call(name, *args):
             return [getattr(hook, name)(*args) for hook in hooks if hasattr(hook, name)]
@@ -158,15 +170,24 @@ class TrainingLoop:
         def stop(step, reason):
             stop_signal.agree(reason)
             outcome = "; ".join(call("on_stop", step))
-            raise stop_signal.stopped(f"at step {step} of {epochs * steps_per_epoch}; {outcome}")
+            total = f"epoch {epoch} of {epochs}" if pipe_mode else f"{epochs * steps_per_epoch}"
+            raise stop_signal.stopped(f"at step {step} of {total}; {outcome}")
 
-        iterator = iter(train_batches)
+        pipe_mode = steps_per_epoch is None
+        position = position or {"epochs_done": 0, "epoch_start_step": 0}
+        iterator = None if pipe_mode else iter(train_batches)
         step, training_seconds = start_step, 0.0
-        for epoch in range(start_step // steps_per_epoch + 1, epochs + 1):
+        first_epoch = position["epochs_done"] + 1 if pipe_mode else start_step // steps_per_epoch + 1
+        for epoch in range(first_epoch, epochs + 1):
             call("on_epoch_begin", epoch)
             running, started = Totals(), time.perf_counter()
-            while step < epoch * steps_per_epoch:
+            if pipe_mode:
+                skip = start_step - position["epoch_start_step"] if epoch == first_epoch else 0
+                iterator = iter(train_batches.epoch(epoch, skip_steps=skip))
+            while pipe_mode or step < epoch * steps_per_epoch:
                 totals, reason = self._step(self._train_step, iterator, stop_signal, f"training step {step + 1}")
+                if totals is None:
+                    break
                 step += 1
                 running.add(totals)
                 call("on_step_end", step, running)
@@ -174,12 +195,20 @@ class TrainingLoop:
                     stop(step, reason)
             seconds = time.perf_counter() - started
             training_seconds += seconds
+            if pipe_mode:
+                train_batches.finish()  # raises what went wrong in the pass
+            call("on_epoch_trained", epoch, step)
             logs = {"train_loss": running.loss, "train_accuracy": running.accuracy,
                     "train_samples_per_second": running.examples / seconds}
             if validation is not None:
-                evaluated, reason = self.evaluate(*validation, stop_signal, what=f"validation after step {step}")
+                batches, steps = validation
+                pipe_passes = batches if hasattr(batches, "finish") else None
+                evaluated, reason = self.evaluate(pipe_passes.epoch(epoch) if pipe_passes else batches, steps,
+                                                  stop_signal, what=f"validation after step {step}")
                 if reason:
                     stop(step, reason)
+                if pipe_passes:
+                    pipe_passes.finish()
                 logs.update(val_loss=evaluated.loss, val_accuracy=evaluated.accuracy)
             call("on_epoch_end", epoch, step, logs)
         return training_seconds
@@ -188,8 +217,10 @@ class TrainingLoop:
         """(Totals, stop reason or None) over `steps` steps of a distributed dataset."""
         iterator = iter(batches)
         evaluated = Totals()
-        for _ in range(steps):
+        for _ in range(steps) if steps is not None else iter(int, 1):  # None: to the end of the data
             totals, reason = self._step(self._eval_step, iterator, stop_signal, what, "validation_batch_size")
+            if totals is None:
+                break
             evaluated.add(totals)
             if reason:
                 return evaluated, reason

@@ -31,7 +31,7 @@ UTF8_BOM = b"\xef\xbb\xbf"  # spreadsheet exports put it before the header row
 _OTHER_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16",
                b"\xfe\xff": "UTF-16"}
 
-_SNIFF_BYTES = 1 << 16
+SNIFF_BYTES = 1 << 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,46 +51,55 @@ class RowSpec:
 def detect_format(path):
     """Returns (format, gzip) from the file's content, or raises DataError naming the file."""
     with open(path, "rb") as f:
-        head = f.read(_SNIFF_BYTES)
-    compressed = head[:2] == b"\x1f\x8b"
+        head = f.read(SNIFF_BYTES)
+    compressed = is_gzip(head)
     if compressed:
         try:
             with gzip.open(path, "rb") as f:
-                head = f.read(_SNIFF_BYTES)
+                head = f.read(SNIFF_BYTES)
         except (OSError, EOFError) as error:
             raise DataError(f"{path}: looks gzip-compressed but cannot be decompressed ({error})") from error
+    return classify(head, compressed, path), compressed
+
+
+def is_gzip(head):
+    return head[:2] == b"\x1f\x8b"
+
+
+def classify(head, compressed, name):
+    """The format of content that starts with `head` (decompressed), or DataError naming `name`."""
     if head[:4] == b"PAR1":
         if compressed:
-            raise DataError(f"{path}: a gzip-compressed Parquet file; Parquet compresses itself, store it uncompressed")
-        return PARQUET, False
+            raise DataError(f"{name}: a gzip-compressed Parquet file; Parquet compresses itself, store it uncompressed")
+        return PARQUET
     if _looks_like_tfrecord(head):
-        return TFRECORD, compressed
+        return TFRECORD
     for mark, encoding in _OTHER_BOMS.items():
         if head.startswith(mark):
-            raise DataError(f"{path}: {encoding}-encoded text (it starts with the byte-order mark "
+            raise DataError(f"{name}: {encoding}-encoded text (it starts with the byte-order mark "
                             f"{mark.hex(' ').upper()}); save it as UTF-8")
     head = head.removeprefix(UTF8_BOM)
     first_line = head.split(b"\n", 1)[0]
     # Text: a header (or first record) without NUL, and NULs rare below it (a bad row each).
     if b"\x00" not in first_line and head.count(b"\x00") * 100 < len(head):
         if head.lstrip()[:1] == b"{":
-            return JSONL, compressed
+            return JSONL
         if b"\t" in first_line:
-            return TSV, compressed
+            return TSV
         if b"," in first_line:
-            return CSV, compressed
+            return CSV
     raise DataError(
-        f"{path}: not a format this job reads (TFRecord, tab-separated with a header row, CSV, "
+        f"{name}: not a format this job reads (TFRecord, tab-separated with a header row, CSV, "
         "JSON Lines or Parquet; optionally gzip-compressed)"
     )
 
 
 def _looks_like_tfrecord(head):
     # A record starts with its uint64 length and the masked CRC-32C of those 8 bytes.
-    return len(head) >= 12 and struct.unpack("<I", head[8:12])[0] == _masked_crc32c(head[:8])
+    return len(head) >= 12 and struct.unpack("<I", head[8:12])[0] == masked_crc32c(head[:8])
 
 
-def _masked_crc32c(data):
+def masked_crc32c(data):
     crc = 0xFFFFFFFF
     for byte in data:
         crc ^= byte
@@ -111,10 +120,26 @@ def iter_rows(summary, spec):
     """
     if summary.format == TFRECORD:
         yield from _tfrecord_rows(summary, spec)
-        return
-    readers = {TSV: _tsv_rows, CSV: _csv_rows, JSONL: _jsonl_rows, PARQUET: _parquet_rows}
+    elif summary.format == PARQUET:
+        yield from _checked(_parquet_rows(summary.path, spec, summary.path), spec)
+    else:
+        with _open_binary(summary) as f:
+            yield from table_rows(f, summary.format, spec, summary.path)
+
+
+def table_rows(f, table_format, spec, name):
+    """iter_rows for a review table read from the binary stream `f` (a file, or a Pipe-mode FIFO).
+
+    A header line again below the first (files concatenated, as a Pipe-mode channel without a
+    record wrapper delivers them) is skipped."""
+    readers = {TSV: _tsv_rows, CSV: _csv_rows, JSONL: _jsonl_rows}
+    source = _parquet_rows(f, spec, name) if table_format == PARQUET else readers[table_format](f, spec, name)
+    yield from _checked(source, spec)
+
+
+def _checked(rows, spec):
     label_index = spec.label_index
-    for row in readers[summary.format](summary, spec):
+    for row in rows:
         if isinstance(row, BadRow):
             yield None, str(row)
             continue
@@ -151,45 +176,46 @@ def _open_binary(summary):
     return gzip.open(summary.path, "rb") if summary.compressed else open(summary.path, "rb")
 
 
-def _header_indexes(summary, header, spec):
+def _header_indexes(name, header, spec):
     missing = [c for c in (spec.text_column, spec.label_column) if c not in header]
     if missing:
         raise DataError(
-            f"{summary.path}: no column {', '.join(map(repr, missing))}; its columns are "
+            f"{name}: no column {', '.join(map(repr, missing))}; its columns are "
             f"{', '.join(header)}. Set text_column / label_column to the right names."
         )
     return header.index(spec.text_column), header.index(spec.label_column)
 
 
-def _tsv_rows(summary, spec):
+def _tsv_rows(f, spec, name):
     # The Amazon Customer Reviews files are tab-separated with no quoting: a quote is text.
-    with _open_binary(summary) as f:
-        header = f.readline().decode("utf-8-sig", "replace").rstrip("\r\n").split("\t")
-        text_at, label_at = _header_indexes(summary, header, spec)
-        for raw in f:
-            raw = raw.rstrip(b"\r\n")
-            if not raw.strip():
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                yield BadRow(UNDECODABLE)
-                continue
-            fields = line.split("\t")
-            if len(fields) != len(header):
-                yield BadRow(MALFORMED)
-                continue
-            yield fields[text_at], fields[label_at]
+    header_line = f.readline().removeprefix(UTF8_BOM).rstrip(b"\r\n")
+    header = header_line.decode("utf-8", "replace").split("\t")
+    text_at, label_at = _header_indexes(name, header, spec)
+    for raw in f:
+        raw = raw.rstrip(b"\r\n")
+        if not raw.strip() or raw.removeprefix(UTF8_BOM) == header_line:
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            yield BadRow(UNDECODABLE)
+            continue
+        fields = line.split("\t")
+        if len(fields) != len(header):
+            yield BadRow(MALFORMED)
+            continue
+        yield fields[text_at], fields[label_at]
 
 
-def _csv_rows(summary, spec):
-    with _open_binary(summary) as f:
-        # Undecodable bytes become U+FFFD so that one bad line cannot stop the csv reader.
-        reader = csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", errors="replace", newline=""))
+def _csv_rows(f, spec, name):
+    # Undecodable bytes become U+FFFD so that one bad line cannot stop the csv reader.
+    text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="replace", newline="")
+    try:
+        reader = csv.reader(text)
         header = next(reader, [])
-        text_at, label_at = _header_indexes(summary, header, spec)
+        text_at, label_at = _header_indexes(name, header, spec)
         for fields in reader:
-            if not fields:
+            if not fields or [field.removeprefix("\ufeff") for field in fields] == header:
                 continue
             if len(fields) != len(header):
                 yield BadRow(MALFORMED)
@@ -197,41 +223,43 @@ def _csv_rows(summary, spec):
                 yield BadRow(UNDECODABLE)
             else:
                 yield fields[text_at], fields[label_at]
+    finally:
+        text.detach()  # the caller closes f
 
 
-def _jsonl_rows(summary, spec):
+def _jsonl_rows(f, spec, name):
     columns = (spec.text_column, spec.label_column)
     rows_with_columns, keys_seen = 0, set()
-    with _open_binary(summary) as f:
-        for raw in f:
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8-sig"))
-            except UnicodeDecodeError:
-                yield BadRow(UNDECODABLE)
-                continue
-            except json.JSONDecodeError:
-                yield BadRow(MALFORMED)
-                continue
-            if not isinstance(record, dict) or not all(c in record for c in columns):
-                keys_seen.update(record if isinstance(record, dict) else ())
-                yield BadRow(MALFORMED)
-                continue
-            rows_with_columns += 1
-            yield record[spec.text_column], record[spec.label_column]
+    for raw in f:
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8-sig"))
+        except UnicodeDecodeError:
+            yield BadRow(UNDECODABLE)
+            continue
+        except json.JSONDecodeError:
+            yield BadRow(MALFORMED)
+            continue
+        if not isinstance(record, dict) or not all(c in record for c in columns):
+            keys_seen.update(record if isinstance(record, dict) else ())
+            yield BadRow(MALFORMED)
+            continue
+        rows_with_columns += 1
+        yield record[spec.text_column], record[spec.label_column]
     if keys_seen and not rows_with_columns:
-        _header_indexes(summary, sorted(keys_seen), spec)  # raises: names the missing column
+        _header_indexes(name, sorted(keys_seen), spec)  # raises: names the missing column
 
 
-def _parquet_rows(summary, spec):
+def _parquet_rows(source, spec, name):
+    """source: a path, or a seekable binary file (Parquet's footer is at the end)."""
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(summary.path)
+        parquet = pq.ParquetFile(source)
     except Exception as error:  # noqa: BLE001 - pyarrow raises several types for a broken file
-        raise DataError(f"{summary.path}: unreadable Parquet file ({error})") from error
-    _header_indexes(summary, parquet.schema_arrow.names, spec)
+        raise DataError(f"{name}: unreadable Parquet file ({error})") from error
+    _header_indexes(name, parquet.schema_arrow.names, spec)
     for batch in parquet.iter_batches(batch_size=4096, columns=[spec.text_column, spec.label_column]):
         texts = batch.column(spec.text_column).to_pylist()
         labels = batch.column(spec.label_column).to_pylist()
@@ -240,31 +268,39 @@ def _parquet_rows(summary, spec):
 
 def _tfrecord_rows(summary, spec):
     import tensorflow as tf
-    from tensorflow.core.example import example_pb2
 
     dataset = tf.data.TFRecordDataset(summary.path, compression_type="GZIP" if summary.compressed else "")
-    num_classes = len(spec.classes)
     try:
         for record in dataset.as_numpy_iterator():
-            features = example_pb2.Example.FromString(record).features.feature
-            missing = [name for name in TFRECORD_FEATURES if name not in features]
-            if missing:
-                raise DataError(
-                    f"{summary.path}: TFRecord example without feature(s) {', '.join(missing)}; "
-                    f"expected {', '.join(TFRECORD_FEATURES)} (the book's chapter-6 format)"
-                )
-            values = {name: features[name].int64_list.value for name in TFRECORD_FEATURES}
-            for name in ("input_ids", "input_mask", "segment_ids"):
-                if len(values[name]) != spec.max_seq_length:
-                    raise DataError(
-                        f"{summary.path}: feature {name} has length {len(values[name])} but "
-                        f"max_seq_length is {spec.max_seq_length}; set max_seq_length="
-                        f"{len(values[name])} or re-tokenize the data"
-                    )
-            labels = values["label_ids"]
-            if len(labels) != 1 or not 0 <= labels[0] < num_classes:
-                yield None, UNKNOWN_LABEL
-                continue
-            yield None, int(labels[0])
+            _, _, label = parse_example(record, spec, summary.path)
+            yield None, label
     except tf.errors.DataLossError as error:
         raise DataError(f"{summary.path}: truncated or corrupt TFRecord file ({error.message})") from error
+
+
+def parse_example(record, spec, name):
+    """(input_ids, input_mask, class index or bad-row reason) of one serialized tf.train.Example."""
+    from tensorflow.core.example import example_pb2
+
+    try:
+        features = example_pb2.Example.FromString(record).features.feature
+    except Exception as error:  # noqa: BLE001 - protobuf's DecodeError
+        raise DataError(f"{name}: a TFRecord record that is not a tf.train.Example ({error})") from error
+    missing = [feature for feature in TFRECORD_FEATURES if feature not in features]
+    if missing:
+        raise DataError(
+            f"{name}: TFRecord example without feature(s) {', '.join(missing)}; "
+            f"expected {', '.join(TFRECORD_FEATURES)} (the book's chapter-6 format)"
+        )
+    values = {feature: features[feature].int64_list.value for feature in TFRECORD_FEATURES}
+    for feature in ("input_ids", "input_mask", "segment_ids"):
+        if len(values[feature]) != spec.max_seq_length:
+            raise DataError(
+                f"{name}: feature {feature} has length {len(values[feature])} but "
+                f"max_seq_length is {spec.max_seq_length}; set max_seq_length="
+                f"{len(values[feature])} or re-tokenize the data"
+            )
+    labels = values["label_ids"]
+    if len(labels) != 1 or not 0 <= labels[0] < len(spec.classes):
+        return None, None, UNKNOWN_LABEL
+    return values["input_ids"], values["input_mask"], int(labels[0])

@@ -77,11 +77,11 @@ def scan_channel(name, channel_dir, spec, max_bad_row_fraction):
             ) from error
         summaries.append(summary)
     channel = ChannelSummary(name, summaries)
-    _check_bad_rows(channel, max_bad_row_fraction)
+    check_bad_rows(channel, max_bad_row_fraction)
     return channel
 
 
-def _check_bad_rows(channel, max_bad_row_fraction):
+def check_bad_rows(channel, max_bad_row_fraction):
     bad = sum(channel.bad_rows.values())
     total = bad + channel.good_rows
     if channel.good_rows == 0:

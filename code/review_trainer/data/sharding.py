@@ -101,6 +101,17 @@ def by_record(channel, topology):
                  worker_rows=(channel.good_rows,), reason="by record")
 
 
+def for_pipe(topology):
+    """A Pipe-mode channel (FullyReplicated): every worker streams the whole channel from its own
+    FIFOs and keeps its replicas' slices of each global batch, as `by_record` does with files."""
+    if topology.num_workers == 1:
+        return Shard(CHANNEL, (), topology.local_replicas, topology.local_replicas,
+                     reason="one worker streams the whole channel")
+    return Shard(RECORD, (), topology.local_replicas, topology.replicas,
+                 first_slice=topology.worker_index * topology.local_replicas,
+                 reason="Pipe mode: every host streams the channel and keeps its share of each global batch")
+
+
 def _own_files(channel, topology):
     """ShardedByS3Key: this host's files; the hosts tell each other their rows (a collective)."""
     one_hot = [channel.good_rows if i == topology.worker_index else 0 for i in range(topology.num_workers)]

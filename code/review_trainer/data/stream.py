@@ -2,11 +2,13 @@
 
 Training reads an endless stream, pass 0, pass 1, ... of this worker's files (see sharding.py for
 which files and which slice of each batch); validation and test read the files once, in order.
+A Pipe-mode channel is read a pass at a time instead, each pass a FIFO (PipePasses, pipe.py).
 """
 
 import numpy as np
-from review_trainer.data import sharding
+from review_trainer.data import pipe, sharding
 from review_trainer.data.formats import TFRECORD, iter_rows
+from review_trainer.errors import DataError
 
 _TOKENIZE_CHUNK = 512  # rows per tokenizer call
 _SHUFFLE_BUFFER = 10_000  # examples
@@ -52,6 +54,102 @@ def make_training_stream(channel, spec, tokenizer, batch_size, seed, start_step=
 
     stream = tf.data.Dataset.range(first_pass, 1 << 62).flat_map(one_pass).skip(offset * shard.local_replicas)
     return stream.map(_as_features).prefetch(tf.data.AUTOTUNE)
+
+
+class PipePasses:
+    """A Pipe-mode channel, pass after pass: the n-th pass of this container reads FIFO n.
+
+    A pass is a finite dataset of per-replica batches, shuffled for training like a File-mode pass
+    (buffer seeded by (seed, pass index), so a resumed pass that skips its consumed steps reads what
+    the interrupted one would have). After its last batch, `finish` raises what went wrong in it (a
+    record cut short, too many bad rows) and returns its counts. With several workers, `finish`
+    is a collective: every worker raises when one worker's pass broke off, or when the workers read
+    different numbers of rows (their FIFOs differ).
+    """
+
+    def __init__(self, channel, spec, tokenizer, batch_size, max_bad_row_fraction, shard=None, *, seed=None,
+                 topology=None):
+        self.channel, self.spec, self.tokenizer = channel, spec, tokenizer
+        self.batch_size, self.max_bad_row_fraction = batch_size, max_bad_row_fraction
+        self.shard = shard or sharding.Shard(sharding.CHANNEL, ())
+        self.seed = seed  # None: not shuffled (evaluation)
+        self.topology = topology  # None: this process alone (the chief's test pass)
+        self.opened = 0  # FIFOs opened by this container
+        self.counts = None
+        self.passes = []  # counts of each finished pass, for the manifest
+
+    def epoch(self, epoch, skip_steps=0):
+        """The training loop's batches of an epoch (1-based): the next FIFO, distributed."""
+        return self.topology.distribute(lambda: self.dataset(pass_index=epoch - 1, skip_steps=skip_steps))
+
+    def dataset(self, *, pass_index=0, skip_steps=0):
+        import tensorflow as tf
+
+        fifo_index, self.opened = self.opened, self.opened + 1
+        counts = self.counts = pipe.PassCounts(self.channel.fifo(fifo_index))
+        length = self.spec.max_seq_length
+
+        def chunks():
+            try:
+                yield from _chunks(pipe.read_pass(self.channel, fifo_index, self.spec, counts), self.tokenizer)
+            except DataError as error:  # tf.data would turn it into its own error: `finish` raises it
+                counts.error = error
+            except OSError as error:
+                counts.error = DataError(f"{counts.fifo}: cannot be read ({error})")
+
+        examples = tf.data.Dataset.from_generator(chunks, output_signature=(
+            tf.TensorSpec([None, length], tf.int32), tf.TensorSpec([None, length], tf.int32),
+            tf.TensorSpec([None], tf.int32))).unbatch()
+        if self.seed is not None:
+            examples = examples.shuffle(_SHUFFLE_BUFFER, seed=self.seed * 1_000_003 + pass_index,
+                                        reshuffle_each_iteration=False)
+        batches = _replica_batches(examples, self.shard, self.batch_size).skip(skip_steps * self.shard.local_replicas)
+        return batches.map(_as_features).prefetch(tf.data.AUTOTUNE)
+
+    def finish(self):
+        counts = self.counts
+        print(counts.describe(self.channel.name))
+        if self.topology is not None and self.topology.num_workers > 1:
+            failed, rows = self.topology.sum_over_workers([counts.error is not None, counts.good_rows])
+            if failed and counts.error is None:
+                counts.error = DataError(f"channel {self.channel.name!r}: the pass broke off on another host "
+                                         "(its failure file says why)")
+            elif rows != counts.good_rows * self.topology.num_workers and counts.error is None:
+                counts.error = DataError(
+                    f"channel {self.channel.name!r}: the hosts read different numbers of rows in the same pass "
+                    f"({counts.good_rows} here, {int(rows)} in all); with FullyReplicated every host's FIFO should "
+                    "carry the whole channel")
+        counts.check(self.channel.name, self.max_bad_row_fraction)
+        self.passes.append({"fifo": counts.fifo, "objects": counts.objects, "rows": counts.good_rows,
+                            "bad_rows": dict(counts.bad_rows)})
+        return counts
+
+
+def _chunks(rows, tokenizer):
+    """(token_ids, padding_mask, labels) arrays of up to _TOKENIZE_CHUNK rows: tables' texts are
+    tokenized here, TFRecords' ids pass through."""
+    texts, text_labels, token_rows = [], [], []
+    for row in rows:
+        if len(row) == 2:
+            texts.append(row[0])
+            text_labels.append(row[1])
+            if len(texts) == _TOKENIZE_CHUNK:
+                yield _tokenized(tokenizer, texts, text_labels)
+                texts, text_labels = [], []
+        else:
+            token_rows.append(row)
+            if len(token_rows) == _TOKENIZE_CHUNK:
+                yield _stacked(token_rows)
+                token_rows = []
+    if texts:
+        yield _tokenized(tokenizer, texts, text_labels)
+    if token_rows:
+        yield _stacked(token_rows)
+
+
+def _stacked(token_rows):
+    ids, masks, labels = zip(*token_rows)
+    return np.asarray(ids, np.int32), np.asarray(masks, np.int32), np.asarray(labels, np.int32)
 
 
 def _replica_batches(examples, shard, batch_size):
