@@ -42,6 +42,13 @@ done
 # Every option and the weights' hashes are checked before any AWS call: a bad option leaves no
 # empty ECR repository behind.
 [[ "$target" == "gpu" || "$target" == "cpu" ]] || die "--target must be gpu or cpu, not '$target'"
+# ECR's rule for repository names, and Docker's for tags.
+[[ "$name" =~ ^[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*$ && ${#name} -ge 2 && ${#name} -le 256 ]] \
+    || die "--name '$name' is not an ECR repository name (lowercase letters, digits, and . _ - / between them)"
+[[ "$tag" =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$ ]] \
+    || die "--tag '$tag' is not a Docker tag (letters, digits, _ . -, up to 128, not starting with . or -)"
+[[ "$platform" == "linux/amd64" || "$platform" == "linux/arm64" ]] \
+    || die "--platform must be linux/amd64 or linux/arm64, not '$platform'"
 weights_dir="$(dirname "$0")/docker/weights"
 required_files=(config.json model.safetensors vocab.txt)
 case "$weights" in

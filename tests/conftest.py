@@ -76,8 +76,9 @@ def require(capability, available):
     pytest.skip(f"needs {capability} (CI has it: .ci/run)")
 
 
-def make_opt_ml(base, channels, hyperparameters=None, hosts=("algo-1",), current_host="algo-1"):
-    """A SageMaker-style tree: channels maps a channel name to {file name: bytes}."""
+def make_opt_ml(base, channels, hyperparameters=None, hosts=("algo-1",), current_host="algo-1", input_modes=None):
+    """A SageMaker-style tree: channels maps a channel name to {file name: bytes}; input_modes a
+    channel name to its TrainingInputMode (File when absent)."""
     config = os.path.join(base, "input", "config")
     os.makedirs(config, exist_ok=True)
     for name, files in channels.items():
@@ -91,8 +92,8 @@ def make_opt_ml(base, channels, hyperparameters=None, hosts=("algo-1",), current
     with open(os.path.join(config, "resourceconfig.json"), "w") as f:
         json.dump({"current_host": current_host, "hosts": list(hosts), "network_interface_name": "eth0"}, f)
     with open(os.path.join(config, "inputdataconfig.json"), "w") as f:
-        json.dump({name: {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated"}
-                   for name in channels}, f)
+        json.dump({name: {"TrainingInputMode": (input_modes or {}).get(name, "File"),
+                          "S3DistributionType": "FullyReplicated"} for name in channels}, f)
     return base
 
 
@@ -133,7 +134,8 @@ def distilbert_job(tmp_path_factory, distilbert_dir):
                   "part-2.tsv": amazon_tsv(make_reviews(40, 2))},
         "validation": {"validation.tsv": amazon_tsv(make_reviews(24, 3))},
         "test": {"test.tsv.gz": gzipped(amazon_tsv(make_reviews(30, 4)))},
-    }, {**FAST_HYPERPARAMETERS, "epochs": "2", "use_amp": "auto", "sagemaker_program": "ignored"})
+    }, {**FAST_HYPERPARAMETERS, "epochs": "2", "use_amp": "auto", "sagemaker_program": "ignored"},
+        input_modes={"validation": "FastFile"})  # a folder, as in File mode
     result = run_train(base, distilbert_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     return base, result

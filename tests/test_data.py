@@ -246,3 +246,17 @@ def test_a_nul_byte_in_one_review_makes_one_bad_row_not_an_unreadable_file(tmp_p
         read = rows_of(path)
         assert read[5] == (None, "nul_byte") and len(read) == 21, name
         assert [r for r in read if r[0] is not None] == [(t, s - 1) for t, s in reviews]
+
+
+@pytest.mark.parametrize("after_the_quote, message", [
+    (500, r"a quoted field runs from line 202 over \d+ lines: an unclosed quote\? Fix that line"),
+    (4000, r"line 202: field larger than field limit .*; an unclosed quote\?"),  # > 128 KiB: csv.Error
+])
+def test_an_unclosed_quote_in_a_csv_fails_at_its_line_instead_of_eating_the_rows_below(tmp_path, after_the_quote,
+                                                                                      message):
+    rows = "".join(f"fine review number {i} of many words here,{1 + i % 5}\n" for i in range(200))
+    rows += '"a stray quote,5\n' + "".join(f"another fine review {i} " * 3 + f",{1 + i % 5}\n"
+                                            for i in range(after_the_quote))
+    path = write(tmp_path / "stray.csv", ("review_body,star_rating\n" + rows).encode())
+    with pytest.raises(DataError, match=rf"stray.csv: {message}"):
+        rows_of(path)

@@ -161,7 +161,8 @@ def test_the_default_weights_have_committed_hashes_and_reach_the_build(tmp_path,
 
 
 @pytest.mark.parametrize("case", ["hub revision without hashes", "local folder that differs from its sums",
-                                  "local folder that is missing", "bad target"])
+                                  "local folder that is missing", "bad target", "bad tag", "bad platform",
+                                  "bad repository name"])
 def test_bad_options_and_weights_stop_before_any_aws_call(tmp_path, moto_ecr, local_weights, case):
     name = "review-trainer-" + case.replace(" ", "-")
     if case == "local folder that differs from its sums":
@@ -181,6 +182,9 @@ def test_bad_options_and_weights_stop_before_any_aws_call(tmp_path, moto_ecr, lo
                                                     "does not match its SHA256SUMS: vocab.txt: FAILED"),
         "local folder that is missing": (["--weights", "local:nowhere"], "docker/weights/nowhere is not a folder"),
         "bad target": (["--target", "tpu"], "--target must be gpu or cpu, not 'tpu'"),
+        "bad tag": (["--tag", "0.1 beta"], "--tag '0.1 beta' is not a Docker tag"),
+        "bad platform": (["--platform", "amd64"], "--platform must be linux/amd64 or linux/arm64, not 'amd64'"),
+        "bad repository name": (["--name", "Review_Trainer"], "--name 'Review_Trainer' is not an ECR repository name"),
     }[case]
     try:
         result, calls = run_build_and_push(tmp_path, moto_ecr, "--name", name, *args)

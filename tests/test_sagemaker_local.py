@@ -36,6 +36,13 @@ def sdk_env(tmp_path_factory):
                AWS_CONFIG_FILE=str(root / "no-aws-config"),
                AWS_SHARED_CREDENTIALS_FILE=str(root / "no-aws-credentials"),
                PYTHONPATH=write_network_guard(str(root / "guard")), NETWORK_GUARD_LOG=str(root / "network.log"))
+    # The guard works in the SDK's venv: a look-up it must refuse is refused and logged.
+    probe = subprocess.run([SDK_PYTHON, "-c", "import socket; socket.getaddrinfo('sts.us-east-1.amazonaws.com', 443)"],
+                           env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "network guard: getaddrinfo" in probe.stderr, probe.stderr
+    with open(env["NETWORK_GUARD_LOG"]) as f:
+        assert "sts.us-east-1.amazonaws.com" in f.read()
+    os.remove(env["NETWORK_GUARD_LOG"])
     return env
 
 

@@ -35,6 +35,7 @@ def test_success_leaves_the_model_evaluation_and_success_file(distilbert_job):
     assert os.path.exists(os.path.join(base, "output", "success"))
     assert not os.path.exists(os.path.join(base, "output", "failure"))
     assert sorted(os.listdir(model)) == ["hf", "label_map.json", "manifest.json", "metrics", "tensorflow", "tokenizer"]
+    assert "channel=validation files=1 rows=24 bad_rows=0" in result.stdout  # TrainingInputMode FastFile
     assert os.path.exists(os.path.join(model, "tensorflow", "saved_model", "0", "saved_model.pb"))
     assert sorted(os.listdir(os.path.join(model, "metrics"))) == ["confusion_matrix.png", "evaluation.json"]
     assert {"vocab.txt", "tokenizer_config.json"} <= set(os.listdir(os.path.join(model, "tokenizer")))
@@ -260,7 +261,7 @@ def test_a_full_disk_fails_cleanly_without_a_half_written_model(tmp_path, distil
     assert os.listdir(model_dir) == []
 
 
-@pytest.mark.parametrize("folder", ["model", "tensorboard"])
+@pytest.mark.parametrize("folder", ["model", "output data", "tensorboard"])
 def test_a_folder_the_job_writes_that_cannot_be_created_fails_at_the_start_naming_it(tmp_path, distilbert_dir, folder):
     base = make_opt_ml(str(tmp_path), {"train": {"t.tsv": amazon_tsv(make_reviews(8))}},
                        {**FAST_HYPERPARAMETERS, "enable_tensorboard": "true"})
@@ -269,6 +270,10 @@ def test_a_folder_the_job_writes_that_cannot_be_created_fails_at_the_start_namin
     if folder == "model":  # the model folder is itself a file
         os.replace(blocker, os.path.join(base, "model"))
         path, what = os.path.join(base, "model"), "model folder"
+    elif folder == "output data":  # output/ is there (the failure file goes in it); output/data is a file
+        os.makedirs(os.path.join(base, "output"), exist_ok=True)
+        os.replace(blocker, os.path.join(base, "output", "data"))
+        path, what = os.path.join(base, "output", "data"), "output data folder"
     else:
         with open(os.path.join(base, "input", "config", "tensorboardoutputconfig.json"), "w") as f:
             json.dump({"LocalPath": str(blocker / "tensorboard"), "S3OutputPath": "s3://bucket/tb"}, f)

@@ -93,7 +93,8 @@ class Predictor:
 def read_reviews(text, text_column, source):
     """The reviews of one input, by its content: JSON Lines, TSV or CSV with text_column, else lines."""
     text = text.removeprefix("\ufeff")
-    lines = text.splitlines()
+    # Lines end at \n only: str.splitlines would also cut a review at a form feed or U+2028.
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
     first = next((line for line in lines if line.strip()), "")
     if first.lstrip().startswith("{"):
         reviews = []
@@ -110,11 +111,22 @@ def read_reviews(text, text_column, source):
         return reviews
     if text_column in first.split("\t"):  # the Amazon TSV: no quoting
         at = first.split("\t").index(text_column)
-        return [line.split("\t")[at] for line in lines[lines.index(first) + 1:] if line.strip()]
+        reviews = []
+        for number, line in enumerate(lines[lines.index(first) + 1:], lines.index(first) + 2):
+            fields = line.split("\t")
+            if not line.strip():
+                continue
+            if len(fields) <= at:
+                raise PredictError(f"{source}, line {number}: {len(fields)} tab-separated field(s), so no "
+                                   f"{text_column!r} (field {at + 1} of the header)")
+            reviews.append(fields[at])
+        return reviews
     header = next(csv.reader([first]))
     if text_column in header:
-        rows = csv.DictReader(io.StringIO(text[text.index(first):]))
-        return [row[text_column] or "" for row in rows]
+        try:
+            return [row[text_column] or "" for row in csv.DictReader(io.StringIO(text[text.index(first):]))]
+        except csv.Error as error:
+            raise PredictError(f"{source}: not readable as CSV ({error})") from error
     return [line for line in lines if line.strip()]
 
 
@@ -128,7 +140,10 @@ def main(argv=None):
         inputs = []
         for path in args.files or ["-"]:
             if path == "-":
-                inputs.append(("stdin", sys.stdin.read()))
+                try:
+                    inputs.append(("stdin", sys.stdin.buffer.read().decode("utf-8")))
+                except UnicodeDecodeError as error:
+                    raise PredictError(f"stdin: not UTF-8 text ({error})") from error
                 continue
             try:
                 with open(path, encoding="utf-8") as f:

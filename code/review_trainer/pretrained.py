@@ -112,7 +112,12 @@ class ReviewTokenizer:
 
     def __init__(self, checkpoint, max_seq_length):
         self.max_seq_length = max_seq_length
-        self._tokenizer = _load_tokenizer(checkpoint.path)
+        try:
+            self._tokenizer = _load_tokenizer(checkpoint.path)
+        except Exception as error:  # noqa: BLE001 - tokenizers raises plain Exception for a broken file
+            raise PretrainedModelError(
+                f"the tokenizer files in {checkpoint.path} cannot be read ({type(error).__name__}: {error}); "
+                "copy the checkpoint again") from error
         pad_id = self._tokenizer.token_to_id("[PAD]")
         if pad_id is None:
             pad_id = 0

@@ -32,6 +32,7 @@ _OTHER_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\
                b"\xfe\xff": "UTF-16"}
 
 SNIFF_BYTES = 1 << 16
+MAX_CSV_RECORD_LINES = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +215,19 @@ def _csv_rows(f, spec, name):
         reader = csv.reader(text)
         header = next(reader, [])
         text_at, label_at = _header_indexes(name, header, spec)
-        for fields in reader:
+        while True:
+            first_line = reader.line_num + 1
+            try:
+                fields = next(reader, None)
+            except csv.Error as error:  # e.g. a field over the csv module's size limit
+                raise DataError(f"{name}: line {first_line}: {error}; an unclosed quote?") from error
+            if fields is None:
+                break
+            # A quote left open takes every line after it into one field, silently: a review does
+            # not run over that many lines.
+            if reader.line_num - first_line >= MAX_CSV_RECORD_LINES:
+                raise DataError(f"{name}: a quoted field runs from line {first_line} over "
+                                f"{reader.line_num - first_line + 1} lines: an unclosed quote? Fix that line")
             if not fields or [field.removeprefix("\ufeff") for field in fields] == header:
                 continue
             if len(fields) != len(header):

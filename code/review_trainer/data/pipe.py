@@ -23,7 +23,9 @@ import collections
 import dataclasses
 import gzip
 import io
+import os
 import struct
+import time
 import zlib
 
 from review_trainer.data import formats
@@ -41,6 +43,9 @@ class PipeChannel:
     name: str
     prefix: str  # /opt/ml/input/data/<name>: the FIFOs are <prefix>_0, <prefix>_1, ...
     record_wrapper: str
+    # SageMaker may create a pass's FIFO only once the previous one is read (as AWS's own
+    # PipeModeDataset expects, it waits for the file to appear).
+    fifo_wait_seconds: float = 300.0
 
     def fifo(self, index):
         return f"{self.prefix}_{index}"
@@ -73,11 +78,15 @@ def read_pass(channel, fifo_index, spec, counts):
     """Yields the rows of one pass: (text, class index) from tables, (input_ids, input_mask, class
     index) from TFRecords; bad rows are counted in `counts`, not yielded."""
     path = channel.fifo(fifo_index)
+    deadline = time.monotonic() + channel.fifo_wait_seconds
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
     try:
         fifo = open(path, "rb", buffering=_READ_BYTES)
     except FileNotFoundError as error:
-        raise DataError(f"channel {channel.name!r} is in Pipe mode but {path} does not exist; SageMaker "
-                        "creates one FIFO per pass (is the channel's TrainingInputMode right?)") from error
+        raise DataError(f"channel {channel.name!r} is in Pipe mode but {path} did not appear within "
+                        f"{channel.fifo_wait_seconds:g} s; SageMaker creates one FIFO per pass (is the channel's "
+                        "TrainingInputMode right?)") from error
     with fifo:
         for name, stream in _objects(fifo, channel.record_wrapper, path):
             counts.objects += 1
