@@ -15,7 +15,7 @@ SAMPLE := build/sample
 SAGEMAKER_V2 := .venv-sagemaker-v2
 SAGEMAKER_V3 := .venv-sagemaker-v3
 
-.PHONY: sample test benchmark lock clean sagemaker-v2 sagemaker-v3
+.PHONY: sample test benchmark benchmark-speed lock clean sagemaker-v2 sagemaker-v3
 
 $(VENV)/.installed: docker/requirements.lock docker/requirements-nodeps.lock docker/requirements-dev.lock code/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ sagemaker-v3: $(SAGEMAKER_V3)/.installed
 # Fine-tunes all-MiniLM-L6-v2 on ../shared/data/movie5 through the real `train` entry.
 benchmark: $(VENV)/.installed
 	$(PY) tests/benchmarks/movie5.py --data ../shared/data/movie5 --pretrained $(PRETRAINED)
+
+# Training speed against Hugging Face transformers in PyTorch, same machine, model and data (ROWS=N: the first N sentences).
+benchmark-speed: $(VENV)/.installed
+	$(PY) tests/benchmarks/speed.py --data ../shared/data/movie5 --pretrained $(PRETRAINED) $(if $(ROWS),--rows $(ROWS))
 
 # Re-resolves the lock files from docker/*.in (needs uv: pip install uv).
 UV_COMPILE := uv pip compile --python-version 3.11 --python-platform x86_64-manylinux_2_28 --quiet

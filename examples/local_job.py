@@ -12,7 +12,7 @@ ROLE = "arn:aws:iam::123456789012:role/review-trainer-local"  # never used in lo
 CHANNELS = ("train", "validation", "test")
 NUMBER = r"([-+0-9.eE]+|nan|inf)"
 METRIC_NAMES = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
-                "test_macro_f1", "train_samples_per_second")
+                "test_macro_f1", "train_samples_per_second", "input_wait_share")
 # `\b` anchors: train_loss never matches val_loss or running_train_loss (README: How a job runs).
 METRIC_REGEXES = {name: rf"\b{name}={NUMBER}" for name in METRIC_NAMES}
 # Telemetry would call STS and S3 (with the SDK's default session, whatever region that has).

@@ -260,3 +260,41 @@ def test_an_unclosed_quote_in_a_csv_fails_at_its_line_instead_of_eating_the_rows
     path = write(tmp_path / "stray.csv", ("review_body,star_rating\n" + rows).encode())
     with pytest.raises(DataError, match=rf"stray.csv: {message}"):
         rows_of(path)
+
+
+def test_length_buckets_keep_every_example_once_cut_only_padding_and_resume_exactly(tmp_path, distilbert_dir):
+    spec = data.RowSpec("review_body", "star_rating", ("1", "2", "3", "4", "5"), 32)
+    tokenizer = ReviewTokenizer(open_checkpoint(distilbert_dir), 32)
+    rng = np.random.default_rng(3)
+    rows = [(" ".join(["movie"] * int(k)), 1 + int(k) % 5) for k in rng.integers(1, 40, 300)]  # some truncated
+    channel_dir = tmp_path / "train"
+    channel_dir.mkdir()
+    write(channel_dir / "part-0.tsv", amazon_tsv(rows))
+    channel = data.scan_channel("train", str(channel_dir), spec, 0.01)
+    steps = sharding.whole(channel).steps_per_pass(8)
+    assert steps == 38 and data.bucket_lengths(32) == [8, 16, 24, 32]
+
+    def batches(bucket_by_length, start=0, count=2 * steps):
+        stream = data.make_training_stream(channel, spec, tokenizer, 8, 1, start_step=start,
+                                           bucket_by_length=bucket_by_length)
+        return [(x["token_ids"].numpy(), x["padding_mask"].numpy(), y.numpy()) for x, y in stream.take(count)]
+
+    def examples(batches_):  # each example's tokens (unpadded) and label
+        return sorted((tuple(ids[mask > 0]), label) for b in batches_ for ids, mask, label in zip(*b))
+
+    plain, bucketed = batches(False), batches(True)
+    for one_pass in (slice(0, steps), slice(steps, 2 * steps)):
+        assert examples(bucketed[one_pass]) == examples(plain[one_pass])  # every example once a pass
+        assert sorted(len(b[2]) for b in bucketed[one_pass]) == [4] + [8] * 37  # the same batches' sizes
+    for ids, mask, _ in bucketed:
+        used = max(np.flatnonzero(row).max() + 1 for row in mask)
+        width = ids.shape[1]
+        assert width in (8, 16, 24, 32) and used <= width and (width == 8 or used > width - 8), (used, width)
+    # Less padding than 32, and less than the same buckets without sorting by length would leave
+    widths = [b[0].shape[1] for b in bucketed[:steps]]
+    unsorted = [min(w for w in (8, 16, 24, 32) if w >= max(np.flatnonzero(row).max() + 1 for row in mask))
+                for _, mask, _ in plain[:steps]]
+    assert np.mean(widths) < np.mean(unsorted) < 32 and len(set(widths)) > 2, (np.mean(widths), np.mean(unsorted))
+    for start in (5, steps, steps + 7):  # a resumed job reads what an uninterrupted one would have
+        resumed = batches(True, start=start, count=2 * steps - start)
+        assert all((a[0] == b[0]).all() and (a[2] == b[2]).all() for a, b in zip(bucketed[start:], resumed))

@@ -122,7 +122,7 @@ def test_v2_local_mode_trains_the_image_and_leaves_model_and_output_archives(bui
     # The metric definitions capture the job's own figures from the log the SDK streamed.
     metrics = dict(re.findall(r"(\w+)=(\S+)", re.search(r"^final metrics .*?: (.*)$", result.stdout, re.M).group(1)))
     assert set(metrics) == {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
-                            "test_macro_f1", "train_samples_per_second"}
+                            "test_macro_f1", "train_samples_per_second", "input_wait_share"}
     assert float(metrics["test_accuracy"]) == pytest.approx(scores["accuracy"]["value"], abs=5e-5)
     assert float(metrics["test_macro_f1"]) == pytest.approx(scores["macro_f1"]["value"], abs=5e-5)
 

@@ -42,6 +42,7 @@ ASSUMED_WRITE_BYTES_PER_SECOND = 100e6  # before the first save has been timed
 TRAJECTORY_HYPERPARAMETERS = (
     "learning_rate", "epsilon", "train_batch_size", "train_steps_per_epoch", "seed", "head",
     "max_seq_length", "freeze_bert_layer", "text_column", "label_column", "classes", "scale_learning_rate",
+    "bucket_by_length",
 )
 
 

@@ -42,6 +42,8 @@ class Hyperparameters:
     label_column: str = "star_rating"
     classes: tuple = ("1", "2", "3", "4", "5")  # label values; their order gives the class index
     max_bad_row_fraction: float = 0.01
+    # Training batches cut to a few lengths up to max_seq_length instead of padded to it (stream.py)
+    bucket_by_length: bool = True
     # What the job does besides training
     run_validation: bool = True
     run_test: bool = True

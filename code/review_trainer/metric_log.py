@@ -8,7 +8,7 @@ Lines every N steps use `running_` names, which the epoch regexes do not match.
 _NUMBER = r"([-+0-9.eE]+|nan|inf)"
 METRIC_NAMES = (
     "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-    "test_loss", "test_accuracy", "test_macro_f1", "train_samples_per_second",
+    "test_loss", "test_accuracy", "test_macro_f1", "train_samples_per_second", "input_wait_share",
 )
 METRIC_DEFINITIONS = [{"Name": name, "Regex": rf"\b{name}={_NUMBER}"} for name in METRIC_NAMES]
 
@@ -44,6 +44,8 @@ class MetricLogger:
             values["val_loss"] = logs["val_loss"]
             values["val_accuracy"] = logs["val_accuracy"]
         values["train_samples_per_second"] = int(logs["train_samples_per_second"])
+        if "input_wait_share" in logs:  # of the epoch's training time, spent waiting for the next batch
+            values["input_wait_share"] = round(logs["input_wait_share"], 4)
         self.print_fn(format_metrics(**values))
 
 

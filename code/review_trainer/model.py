@@ -15,8 +15,10 @@ from review_trainer.hyperparameters import HEADS
 def build_classifier(backbone, num_classes, max_seq_length, head="cls", dropout=0.1):
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    token_ids = keras.Input((max_seq_length,), dtype="int32", name="token_ids")
-    padding_mask = keras.Input((max_seq_length,), dtype="int32", name="padding_mask")
+    # Any length up to max_seq_length: training batches are cut to their length bucket (stream.py);
+    # the serving signature takes max_seq_length (export.py).
+    token_ids = keras.Input((None,), dtype="int32", name="token_ids")
+    padding_mask = keras.Input((None,), dtype="int32", name="padding_mask")
     backbone_inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
     if "segment_ids" in backbone.input:
         backbone_inputs["segment_ids"] = keras.ops.zeros_like(token_ids)

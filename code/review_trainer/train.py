@@ -152,13 +152,16 @@ def run(env, stop_signal):
     if "train" in pipes:
         train_batches = pipe_readers["train"] = data.PipePasses(
             pipes["train"], spec, tokenizer, hp.train_batch_size, hp.max_bad_row_fraction, train_shard, seed=hp.seed,
-            topology=topology)
+            topology=topology, bucket_by_length=hp.bucket_by_length)
     else:
         train_batches = topology.distribute(lambda: data.make_training_stream(
             channels["train"], spec, tokenizer, hp.train_batch_size, hp.seed, start_step=global_step,
-            shard=train_shard))
+            shard=train_shard, bucket_by_length=hp.bucket_by_length))
     loop = TrainingLoop(topology, model, jit_compile=jit_compile, batch_sizes={
         "train_batch_size": hp.train_batch_size, "validation_batch_size": hp.validation_batch_size})
+    if hp.bucket_by_length:
+        print("bucket_by_length=true: training batches are cut to lengths "
+              f"{','.join(map(str, data.bucket_lengths(hp.max_seq_length)))} (the serving signature takes {hp.max_seq_length})")
     print(f"training: {hp.epochs} epoch(s) of {steps_per_epoch or 'one Pipe-mode pass of'} steps from step {global_step}, "
           f"{model.count_params():,} parameters ({'encoder frozen' if hp.freeze_bert_layer else 'all trainable'})")
     with stop_signal.deferred():

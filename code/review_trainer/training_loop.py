@@ -59,6 +59,7 @@ class TrainingLoop:
         self._forward_backward = tf.function(self._forward_backward_fn, jit_compile=jit_compile)
         self._train_step = tf.function(lambda batch, votes: self._run(self._train_replica, batch, votes))
         self._eval_step = tf.function(lambda batch, votes: self._run(self._eval_replica, batch, votes))
+        self.input_seconds = 0.0  # spent waiting for the next batch (input_wait_share in the epoch line)
 
     # One step, on every replica
     def _run(self, replica_fn, batch, votes):
@@ -136,10 +137,13 @@ class TrainingLoop:
         votes = np.array([stop_signal.received == reason for reason in STOP_REASONS], np.float32)
         try:
             with self.topology.collectives(what):
+                waiting_since = time.perf_counter()
                 try:
                     batch = next(iterator)
                 except (StopIteration, tf.errors.OutOfRangeError):
                     return None, None
+                finally:
+                    self.input_seconds += time.perf_counter() - waiting_since
                 sums = step_fn(batch, votes).numpy()
         except tf.errors.ResourceExhaustedError as error:
             raise ResourceError(
@@ -180,7 +184,7 @@ class TrainingLoop:
         first_epoch = position["epochs_done"] + 1 if pipe_mode else start_step // steps_per_epoch + 1
         for epoch in range(first_epoch, epochs + 1):
             call("on_epoch_begin", epoch)
-            running, started = Totals(), time.perf_counter()
+            running, started, self.input_seconds = Totals(), time.perf_counter(), 0.0
             if pipe_mode:
                 skip = start_step - position["epoch_start_step"] if epoch == first_epoch else 0
                 iterator = iter(train_batches.epoch(epoch, skip_steps=skip))
@@ -199,7 +203,8 @@ class TrainingLoop:
                 train_batches.finish()  # raises what went wrong in the pass
             call("on_epoch_trained", epoch, step)
             logs = {"train_loss": running.loss, "train_accuracy": running.accuracy,
-                    "train_samples_per_second": running.examples / seconds}
+                    "train_samples_per_second": running.examples / seconds,
+                    "input_wait_share": self.input_seconds / seconds}
             if validation is not None:
                 batches, steps = validation
                 pipe_passes = batches if hasattr(batches, "finish") else None

@@ -10,9 +10,9 @@
 from review_trainer.data.formats import TFRECORD, RowSpec, detect_format, iter_rows
 from review_trainer.data.scan import ChannelSummary, FileSummary, describe, list_files, scan_channel, sha256_file
 from review_trainer.data.pipe import PipeChannel
-from review_trainer.data.stream import PipePasses, make_dataset, make_training_stream
+from review_trainer.data.stream import PipePasses, bucket_lengths, make_dataset, make_training_stream
 
 __all__ = [
     "TFRECORD", "ChannelSummary", "FileSummary", "RowSpec", "describe", "detect_format", "iter_rows",
-    "list_files", "make_dataset", "make_training_stream", "scan_channel", "sha256_file", "PipeChannel", "PipePasses",
+    "list_files", "make_dataset", "make_training_stream", "scan_channel", "sha256_file", "PipeChannel", "PipePasses", "bucket_lengths",
 ]
