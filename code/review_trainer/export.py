@@ -63,13 +63,18 @@ def export_saved_model(model, max_seq_length, path):
 
 
 def copy_tokenizer(checkpoint_dir, destination, max_seq_length):
+    copy_tokenizer_files(checkpoint_dir, destination)
+    write_json({"max_seq_length": max_seq_length, "padding": "max_length", "truncation": True},
+               os.path.join(destination, "review_trainer_tokenizer.json"))
+
+
+def copy_tokenizer_files(checkpoint_dir, destination):
+    """The checkpoint's tokenizer files that exist, into destination."""
     os.makedirs(destination, exist_ok=True)
     for name in TOKENIZER_FILES:
         source = os.path.join(checkpoint_dir, name)
         if os.path.isfile(source):
             shutil.copy2(source, destination)
-    write_json({"max_seq_length": max_seq_length, "padding": "max_length", "truncation": True},
-               os.path.join(destination, "review_trainer_tokenizer.json"))
 
 
 def write_label_map(classes, path):

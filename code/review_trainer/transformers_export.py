@@ -18,13 +18,13 @@ where each Keras element came from. The `bilstm` head has no transformers archit
 
 import json
 import os
-import shutil
 
 import keras
 import numpy as np
+import safetensors
 from keras_hub.src.utils.transformers import convert_bert, convert_distilbert
 from keras_hub.src.utils.transformers.safetensor_utils import SafetensorLoader
-from review_trainer.pretrained import TOKENIZER_FILES
+from review_trainer.export import copy_tokenizer_files
 
 # model_type -> (KerasHub converter, transformers architecture, the base model's key prefix)
 _ARCHITECTURES = {
@@ -41,8 +41,9 @@ def export_transformers(model, backbone, checkpoint, classes, max_seq_length, pa
     """Writes hf/ for a `cls` classifier built by model.build_classifier on `checkpoint`."""
     converter, architecture, prefix = _ARCHITECTURES[checkpoint.model_type]
     tensors = {}
-    with SafetensorLoader(checkpoint.path) as source:
-        recorder = _RecordingLoader(source)
+    with (SafetensorLoader(checkpoint.path) as source,
+          safetensors.safe_open(os.path.join(checkpoint.path, "model.safetensors"), framework="np") as weights):
+        recorder = _RecordingLoader(source, weights)
         converter.convert_weights(backbone, recorder, checkpoint.config)
     for variable, key, hf_shape, hook_fn in recorder.ported:
         tensors[_transformers_key(key, prefix)] = _to_transformers(_numpy(variable), hf_shape, hook_fn)
@@ -67,14 +68,11 @@ def export_transformers(model, backbone, checkpoint, classes, max_seq_length, pa
     })
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    for name in TOKENIZER_FILES:
-        source_file = os.path.join(checkpoint.path, name)
-        if os.path.isfile(source_file) and name != "tokenizer_config.json":
-            shutil.copy2(source_file, path)
+    copy_tokenizer_files(checkpoint.path, path)
     # tokenizer(texts, padding="max_length", truncation=True) then gives the job's token ids.
     tokenizer_config = {}
-    if os.path.isfile(os.path.join(checkpoint.path, "tokenizer_config.json")):
-        with open(os.path.join(checkpoint.path, "tokenizer_config.json")) as f:
+    if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+        with open(os.path.join(path, "tokenizer_config.json")) as f:
             tokenizer_config = json.load(f)
     tokenizer_config["model_max_length"] = max_seq_length
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
@@ -83,17 +81,19 @@ def export_transformers(model, backbone, checkpoint, classes, max_seq_length, pa
 
 
 class _RecordingLoader:
-    """Stands in for KerasHub's SafetensorLoader: reads the checkpoint's tensors, assigns nothing."""
+    """Stands in for KerasHub's SafetensorLoader: records what would be ported, assigns nothing.
+    Only the shapes of the checkpoint's tensors are read (from the safetensors header), not the data."""
 
-    def __init__(self, source):
-        self._source = source
+    def __init__(self, source, weights):
+        self._source, self._weights = source, weights  # KerasHub's loader: its key prefix rules
         self.ported = []
 
-    def get_tensor(self, hf_weight_key):
+    def get_tensor(self, hf_weight_key):  # a converter's probe of the checkpoint's naming
         return self._source.get_tensor(hf_weight_key)
 
     def port_weight(self, keras_variable, hf_weight_key, hook_fn=None):
-        hf_shape = self._source.get_tensor(hf_weight_key).shape
+        full_key = self._source.get_prefixed_key(hf_weight_key, self._weights)
+        hf_shape = tuple(self._weights.get_slice(full_key).get_shape())
         self.ported.append((keras_variable, hf_weight_key, hf_shape, hook_fn))
 
 

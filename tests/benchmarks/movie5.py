@@ -26,10 +26,20 @@ from sklearn.metrics import accuracy_score, f1_score
 TRAIN = os.path.join(os.path.dirname(sys.executable), "train")
 
 
-def read_split(data_dir, split):
+def read_split(data_dir, split, rows=None):
+    """(texts, labels) of a split, or of its first `rows` reviews."""
     with open(os.path.join(data_dir, f"{split}.tsv"), newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    return [r["review_body"] for r in rows], [r["star_rating"] for r in rows]
+        table = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[:rows]
+    return [r["review_body"] for r in table], [r["star_rating"] for r in table]
+
+
+def write_split(data_dir, split, folder, rows=None):
+    """The split's TSV (or its header and first `rows` reviews) into folder, as a channel."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(data_dir, f"{split}.tsv")) as source:
+        lines = source.readlines()
+    with open(os.path.join(folder, f"{split}.tsv"), "w") as f:
+        f.writelines(lines[:rows + 1] if rows else lines)
 
 
 def tfidf_baseline(data_dir):
@@ -42,11 +52,12 @@ def tfidf_baseline(data_dir):
     return accuracy_score(test_y, predicted), f1_score(test_y, predicted, average="macro")
 
 
-def run_job(data_dir, pretrained, hyperparameters, keep):
+def run_job(data_dir, pretrained, hyperparameters, keep=False, splits=("train", "validation", "test"), rows=None,
+            echo=True):
+    """Runs `train` on the splits as channels (the train split cut to `rows`); returns (log, seconds)."""
     base = tempfile.mkdtemp(prefix="movie5-opt-ml-")
-    for split in ("train", "validation", "test"):
-        os.makedirs(os.path.join(base, "input", "data", split))
-        shutil.copy(os.path.join(data_dir, f"{split}.tsv"), os.path.join(base, "input", "data", split))
+    for split in splits:
+        write_split(data_dir, split, os.path.join(base, "input", "data", split), rows if split == "train" else None)
     os.makedirs(os.path.join(base, "input", "config"))
     with open(os.path.join(base, "input", "config", "hyperparameters.json"), "w") as f:
         json.dump(hyperparameters, f)
@@ -55,7 +66,8 @@ def run_job(data_dir, pretrained, hyperparameters, keep):
     started = time.perf_counter()
     job = subprocess.run([TRAIN], env=env, stdout=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - started
-    sys.stdout.write(job.stdout)
+    if echo:
+        sys.stdout.write(job.stdout)
     if job.returncode != 0:
         sys.exit(f"train failed with exit code {job.returncode}: {open(os.path.join(base, 'output', 'failure')).read()}")
     if not keep:

@@ -17,57 +17,32 @@ torch and transformers are test and benchmark dependencies only (Makefile, dev l
 """
 
 import argparse
-import csv
-import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-TRAIN = os.path.join(os.path.dirname(sys.executable), "train")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from movie5 import read_split, run_job, write_split  # noqa: E402
+
 BATCH, MAX_LENGTH, LEARNING_RATE, EPOCHS = 32, 64, 1e-4, 2
-
-
-def read_split(data_dir, split, rows=None):
-    with open(os.path.join(data_dir, f"{split}.tsv"), newline="") as f:
-        table = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[:rows]
-    return [r["review_body"] for r in table], [r["star_rating"] for r in table]
 
 
 def product(data_dir, pretrained, rows, extra):
     """The second epoch's samples/s of the real `train` entry, the job's seconds, its precision and
     the second epoch's share of training time spent waiting for input."""
-    base = tempfile.mkdtemp(prefix="speed-opt-ml-")
-    try:
-        os.makedirs(os.path.join(base, "input", "data", "train"))
-        with open(os.path.join(data_dir, "train.tsv")) as source:
-            lines = source.readlines()
-        with open(os.path.join(base, "input", "data", "train", "train.tsv"), "w") as f:
-            f.writelines(lines[:rows + 1] if rows else lines)
-        os.makedirs(os.path.join(base, "input", "config"))
-        hyperparameters = {"epochs": str(EPOCHS), "learning_rate": str(LEARNING_RATE), "train_batch_size": str(BATCH),
-                           "max_seq_length": str(MAX_LENGTH), "run_sample_predictions": "false",
-                           "log_every_n_steps": "1000", **extra}
-        with open(os.path.join(base, "input", "config", "hyperparameters.json"), "w") as f:
-            json.dump(hyperparameters, f)
-        env = dict(os.environ, SAGEMAKER_BASE_DIR=base, PRETRAINED_MODEL_DIR=os.path.abspath(pretrained),
-                   TF_CPP_MIN_LOG_LEVEL="2")
-        started = time.perf_counter()
-        job = subprocess.run([TRAIN], env=env, stdout=subprocess.PIPE, text=True)
-        seconds = time.perf_counter() - started
-        if job.returncode != 0:
-            sys.exit(f"train failed ({job.returncode}): {open(os.path.join(base, 'output', 'failure')).read()}")
-        speeds = [float(v) for v in re.findall(r"\btrain_samples_per_second=(\S+)", job.stdout)]
-        waits = [float(v) for v in re.findall(r"\binput_wait_share=(\S+)", job.stdout)]
-        policy = re.search(r"\bprecision=(\S+)", job.stdout).group(1)
-        return speeds[-1], seconds, policy, waits[-1]
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    hyperparameters = {"epochs": str(EPOCHS), "learning_rate": str(LEARNING_RATE), "train_batch_size": str(BATCH),
+                       "max_seq_length": str(MAX_LENGTH), "run_sample_predictions": "false",
+                       "log_every_n_steps": "1000", **extra}
+    log, seconds = run_job(data_dir, pretrained, hyperparameters, splits=("train",), rows=rows, echo=False)
+    speeds = [float(v) for v in re.findall(r"\btrain_samples_per_second=(\S+)", log)]
+    waits = [float(v) for v in re.findall(r"\binput_wait_share=(\S+)", log)]
+    policy = re.search(r"\bprecision=(\S+)", log).group(1)
+    return speeds[-1], seconds, policy, waits[-1]
 
 
 def reference(texts, labels, pretrained, classes):
@@ -108,10 +83,7 @@ def product_padded_length(data_dir, pretrained, rows):
 
     folder = tempfile.mkdtemp(prefix="speed-channel-")
     try:
-        with open(os.path.join(data_dir, "train.tsv")) as source:
-            lines = source.readlines()
-        with open(os.path.join(folder, "train.tsv"), "w") as f:
-            f.writelines(lines[:rows + 1] if rows else lines)
+        write_split(data_dir, "train", folder, rows)
         spec = data.RowSpec("review_body", "star_rating", ("1", "2", "3", "4", "5"), MAX_LENGTH)
         channel = data.scan_channel("train", folder, spec, 0.01)
         steps = -(-channel.good_rows // BATCH)
