@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-from review_trainer import train
+from review_trainer import train, training_steps
 from review_trainer.errors import ResourceError
 from review_trainer.stopping import StopSignal
 from review_trainer.topology import Topology
@@ -22,6 +22,7 @@ def one_device():
 def loop_without_model(train_batch_size):
     loop = TrainingLoop.__new__(TrainingLoop)  # _step needs no model
     loop.topology, loop.batch_sizes = one_device(), {"train_batch_size": train_batch_size, "validation_batch_size": 64}
+    loop.steps = training_steps.TensorFlowSteps.__new__(training_steps.TensorFlowSteps)
     loop.input_seconds = 0.0
     return loop
 
@@ -49,7 +50,7 @@ def test_stop_votes_say_which_signal_this_host_received():
 
     def step_fn(batch, votes):
         seen.append(votes.tolist())
-        return tf.constant(np.concatenate([[2.0, 1.0, 4.0], votes * [1, 1]]), tf.float32)
+        return np.concatenate([[2.0, 1.0, 4.0], votes * [1, 1]]).astype(np.float32)
 
     stop_signal = StopSignal()
     assert loop._step(step_fn, iter([None]), stop_signal, "a step")[1] is None
@@ -60,6 +61,8 @@ def test_stop_votes_say_which_signal_this_host_received():
 
 
 FLOAT16_STEP = """
+import os, sys
+os.environ["KERAS_BACKEND"] = sys.argv[1]
 import keras, numpy as np, tensorflow as tf
 from review_trainer.topology import Topology
 from review_trainer.training_loop import TrainingLoop
@@ -70,18 +73,20 @@ model.compile(optimizer=keras.optimizers.Adam(learning_rate=0.01))
 model.optimizer.build(model.trainable_variables)
 before = [w.numpy().copy() for w in model.trainable_weights]
 loop = TrainingLoop(Topology(tf.distribute.get_strategy(), "none", "test", ("algo-1",), 0, 1), model,
-                    jit_compile=False, batch_sizes={"train_batch_size": 16})
+                    jit_compile=False, batch_sizes={"train_batch_size": 16}, backend=sys.argv[1])
 rng = np.random.default_rng(0)
 batch = (rng.normal(size=(16, 4)).astype("float32"), rng.integers(0, 3, 16).astype("int32"))
-sums = loop._train_step(batch, np.zeros(2, np.float32)).numpy()
+sums = loop.steps.train(batch, np.zeros(2, np.float32))
+loop.sync_model()
 steps = [np.abs(w.numpy() - b) for w, b in zip(model.trainable_weights, before)]
 print(type(model.optimizer).__name__, sums[2], float(sums[0]), int(model.optimizer.iterations.numpy()),
       float(np.median(np.concatenate([s.ravel() for s in steps]))))
 """
 
 
-def test_a_float16_step_scales_the_loss_and_applies_unscaled_adam_steps():
-    result = subprocess.run([sys.executable, "-c", FLOAT16_STEP], capture_output=True, text=True)
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_a_float16_step_scales_the_loss_and_applies_unscaled_adam_steps(backend):
+    result = subprocess.run([sys.executable, "-c", FLOAT16_STEP, backend], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     optimizer, examples, loss_sum, iterations, median_step = result.stdout.split()
     assert optimizer == "LossScaleOptimizer" and float(examples) == 16 and int(iterations) == 1
@@ -111,7 +116,7 @@ normal, huge = np.ones((4, 4), np.float32), np.full((4, 4), 1e6, np.float32)  # 
 replica_batches = tf.data.Dataset.from_tensor_slices(([normal, huge], [labels, labels]))
 batch = next(iter(topology.distribute(lambda: replica_batches)))  # replica 0: normal, replica 1: huge
 before = [w.numpy().copy() for w in model.trainable_weights]
-loop._train_step(batch, np.zeros(2, np.float32))
+loop.steps.train(batch, np.zeros(2, np.float32))
 print(json.dumps({
     "unchanged": all(bool((w.numpy() == b).all()) for w, b in zip(model.trainable_weights, before)),
     "finite": all(bool(np.isfinite(w.numpy()).all()) for w in model.trainable_weights),
@@ -130,7 +135,7 @@ def test_float16_overflow_on_one_replica_skips_the_step_on_every_replica():
 
 def test_the_job_wide_skip_decision_keeps_an_embeddings_gradient_sparse():
     def decide(gradients):
-        return tf.distribute.get_strategy().run(lambda: TrainingLoop._non_finite_everywhere_if_anywhere(
+        return tf.distribute.get_strategy().run(lambda: training_steps.TensorFlowSteps._non_finite_everywhere_if_anywhere(
             gradients, tf.distribute.get_replica_context()))
 
     sparse = tf.IndexedSlices(tf.constant([[1.0, 2.0]]), tf.constant([3]), tf.constant([10, 2]))
@@ -140,3 +145,45 @@ def test_the_job_wide_skip_decision_keeps_an_embeddings_gradient_sparse():
     skipped = decide([sparse, None, tf.constant([1.0, float("inf")])])
     assert isinstance(skipped[0], tf.IndexedSlices) and np.isnan(skipped[0].values.numpy()).all()
     assert np.isnan(skipped[2].numpy()).all()
+
+
+THREE_STEPS = """
+import json, os, sys
+os.environ["KERAS_BACKEND"] = sys.argv[1]
+import keras, numpy as np, tensorflow as tf
+from review_trainer.topology import Topology
+from review_trainer.training_loop import TrainingLoop
+rng = np.random.default_rng(7)
+inputs = keras.Input((6,), name="token_ids")
+model = keras.Model(inputs, keras.layers.Dense(4)(keras.layers.Dense(8, activation="tanh")(inputs)))
+model.set_weights([rng.normal(0, 0.5, w.shape).astype("float32") for w in model.get_weights()])
+model.compile(optimizer=keras.optimizers.Adam(learning_rate=0.05))
+model.optimizer.build(model.trainable_variables)
+loop = TrainingLoop(Topology(tf.distribute.get_strategy(), "none", "test", ("algo-1",), 0, 1), model,
+                    jit_compile=False, batch_sizes={"train_batch_size": 5}, backend=sys.argv[1])
+sums = []
+for size in (5, 5, 3):  # the last batch of a pass is smaller: the mean is over its own examples
+    batch = (rng.normal(size=(size, 6)).astype("float32"), rng.integers(0, 4, size).astype("int32"))
+    sums.append(loop.steps.train(batch, np.array([0.0, 1.0], np.float32)).tolist())
+loop.sync_model()
+print(json.dumps({"sums": sums, "weights": [w.tolist() for w in model.get_weights()],
+                  "iterations": int(keras.ops.convert_to_numpy(model.optimizer.iterations))}))
+"""
+
+
+def test_the_jax_step_trains_like_the_tensorflow_step():
+    """Three Adam steps from the same weights on the same batches: the JAX step (jitted, stateless,
+    its state written back by sync_model) must end where TensorFlow's does."""
+    results = {}
+    for backend in ("tensorflow", "jax"):
+        run = subprocess.run([sys.executable, "-c", THREE_STEPS, backend], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+        results[backend] = json.loads(run.stdout.strip().splitlines()[-1])
+    tf_run, jax_run = results["tensorflow"], results["jax"]
+    assert jax_run["iterations"] == tf_run["iterations"] == 3
+    np.testing.assert_allclose(jax_run["sums"], tf_run["sums"], rtol=1e-5)
+    assert [s[2:] for s in jax_run["sums"]] == [[5, 0, 1], [5, 0, 1], [3, 0, 1]]  # examples, then the votes
+    initial = np.random.default_rng(7).normal(0, 0.5, 6 * 8).astype("float32")
+    assert not np.allclose(np.ravel(jax_run["weights"][0]), initial)  # it trained
+    for got, expected in zip(jax_run["weights"], tf_run["weights"]):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)

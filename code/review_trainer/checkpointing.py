@@ -52,6 +52,7 @@ def fingerprint(hp, train_channel, pretrained_checkpoint, precision, topology, t
     A Pipe-mode train channel (train_input) has no file hashes: its FIFOs are read once."""
     components = {f"hyperparameter {name}": str(getattr(hp, name)) for name in TRAJECTORY_HYPERPARAMETERS}
     components["precision"] = precision
+    components["backend"] = keras.backend.backend()  # the steps' random numbers differ between backends
     # The data each step reads and the global batch follow from these (train_batch_size is per replica).
     components["workers"] = str(topology.num_workers)
     components["replicas"] = str(topology.replicas)
@@ -275,8 +276,9 @@ class Checkpointer:
     """
 
     def __init__(self, store, fingerprint_, model, start_step, every_n_steps, checkpointing_on=True, print_fn=print,
-                 position=None, resume_by_position=False):
+                 position=None, resume_by_position=False, sync_model=None):
         self.store = store
+        self.sync_model = sync_model or (lambda: None)  # TrainingLoop.sync_model: JAX trains outside the variables
         # Where the last epoch's training pass ended: a Pipe-mode job, whose epochs' lengths are
         # only known once read, resumes in epoch epochs_done + 1, skipping step - epoch_start_step
         # steps of its pass. (A stop during validation resumes in the next epoch, as in File mode.)
@@ -347,6 +349,7 @@ class Checkpointer:
         return max(1, math.ceil(save_seconds / (TARGET_SHARE * step_seconds)))
 
     def _save(self, step):
+        self.sync_model()
         seconds = self.store.save(training_variables(self.model), step, self.fingerprint, self.position)
         self._saved_position = self.position
         self.saves += 1

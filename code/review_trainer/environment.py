@@ -45,6 +45,7 @@ class TrainingEnvironment:
     hosts: list
     current_host: str
     num_gpus: int
+    num_neurons: int  # Trainium/Inferentia NeuronCores (neuron-ls), 0 elsewhere
     num_cpus: int
     job_name: str
     checkpoint_dir: str
@@ -156,6 +157,7 @@ def read_environment():
         hosts=list(sm.hosts),
         current_host=sm.current_host,
         num_gpus=sm.num_gpus,
+        num_neurons=sm.num_neurons,
         num_cpus=sm.num_cpus,
         job_name=os.environ.get("TRAINING_JOB_NAME") or sm.job_name or "",
         checkpoint_dir=checkpoint_config.get("LocalPath", os.path.join(root, "checkpoints")),

@@ -44,21 +44,23 @@ def discard_staging(model_dir):
 
 
 def export_saved_model(model, max_seq_length, path):
-    """A SavedModel whose serving_default takes token ids and a mask and returns probabilities."""
+    """A SavedModel whose serving_default takes token ids and a mask and returns probabilities.
+
+    The endpoint is written in Keras ops: on the TensorFlow backend it is traced as a tf.function,
+    on JAX Keras converts it with jax2tf, so the SavedModel is the same for TF Serving either way."""
     import keras
     import tensorflow as tf
 
-    @tf.function(input_signature=[
-        tf.TensorSpec([None, max_seq_length], tf.int32, name="input_ids"),
-        tf.TensorSpec([None, max_seq_length], tf.int32, name="input_mask"),
-    ])
     def serve(input_ids, input_mask):
         logits = model({"token_ids": input_ids, "padding_mask": input_mask}, training=False)
-        return {"probabilities": tf.nn.softmax(tf.cast(logits, tf.float32))}
+        return {"probabilities": keras.ops.softmax(keras.ops.cast(logits, "float32"))}
 
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint("serving_default", serve)
+    archive.add_endpoint("serving_default", serve, input_signature=[
+        tf.TensorSpec([None, max_seq_length], tf.int32, name="input_ids"),
+        tf.TensorSpec([None, max_seq_length], tf.int32, name="input_mask"),
+    ])
     archive.write_out(path, verbose=False)
 
 

@@ -15,6 +15,7 @@ from review_trainer.errors import HyperparameterError
 AUTO = "auto"
 HEADS = ("cls", "bilstm")
 DISTRIBUTIONS = (AUTO, "none", "mirrored", "multi_worker")
+BACKENDS = (AUTO, "tensorflow", "jax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,7 @@ class Hyperparameters:
     freeze_bert_layer: bool = False
     use_amp: bool | str = AUTO  # auto: measured per device, see precision.py
     use_xla: bool | str = AUTO
+    backend: str = AUTO  # Keras's backend: tensorflow, jax, or auto (measured per device, see backend.py)
     # Data
     text_column: str = "review_body"
     label_column: str = "star_rating"
@@ -111,6 +113,8 @@ class Hyperparameters:
             problems.append(f"max_bad_row_fraction must be between 0 and 1, got {self.max_bad_row_fraction}")
         if self.distribution not in DISTRIBUTIONS:
             problems.append(f"distribution must be one of {', '.join(DISTRIBUTIONS)}, got {self.distribution!r}")
+        if self.backend not in BACKENDS:
+            problems.append(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.head not in HEADS:
             problems.append(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):

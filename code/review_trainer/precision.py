@@ -13,6 +13,7 @@ without bf16 instructions keep float32.
 """
 
 import tensorflow as tf
+from review_trainer.errors import HyperparameterError
 from review_trainer.hyperparameters import AUTO
 
 
@@ -46,7 +47,12 @@ def choose_policy(use_amp, capability, has_bf16):
     return "float32"
 
 
-def choose_jit_compile(use_xla, capability):
+def choose_jit_compile(use_xla, capability, backend="tensorflow"):
+    if backend == "jax":  # JAX runs a step only as XLA compiles it (jax.jit)
+        if use_xla is False:
+            raise HyperparameterError("use_xla=false, but backend=jax always compiles with XLA: set use_xla=auto "
+                                      "(or true), or backend=tensorflow")
+        return True
     if use_xla == AUTO:
         return capability is not None
     return bool(use_xla)

@@ -47,14 +47,22 @@ class Topology:
     wait_seconds: int = 300  # the bound of the start's collectives: host_wait_seconds
 
     @classmethod
-    def set_up(cls, env, hp):
-        """Creates the strategy; call it before any other TensorFlow operation (multi-worker needs that)."""
+    def set_up(cls, env, hp, backend="tensorflow"):
+        """Creates the strategy; call it before any other TensorFlow operation (multi-worker needs that).
+
+        backend=jax: one device, JAX's; TensorFlow (tf.data) stays off the GPUs, whose memory JAX takes."""
         import tensorflow as tf
 
         hosts = tuple(sorted(env.hosts))
         worker_index = hosts.index(env.current_host)
         gpus = tf.config.list_physical_devices("GPU")
         kind, reason = choose(hp.distribution, len(hosts), len(gpus))
+        if backend == "jax":
+            if kind != NONE:
+                raise HyperparameterError(
+                    f"backend=jax trains on one device, but this job would use distribution={kind} ({reason}): "
+                    f"set backend=tensorflow (or auto) to train on all of them, or distribution=none to train on one")
+            tf.config.set_visible_devices([], "GPU")
         if kind == MULTI_WORKER:
             strategy = start_multi_worker(hosts, worker_index, hp.host_wait_seconds, hp.collective_timeout_seconds)
             return cls(strategy, kind, reason, hosts, worker_index, len(hosts), hp.host_wait_seconds)

@@ -1,6 +1,6 @@
 """The `train` entry point: SageMaker contract in, evaluated SavedModel out.
 
-Read top to bottom, this is the job:
+Read top to bottom, this is the job (the `train` command, launch.py, has chosen Keras's backend):
   1. read the contract and the hyperparameters; set up the topology (tf.distribute strategy)
   2. open the pretrained checkpoint and its tokenizer
   3. scan the channels (formats, bad rows, hashes) and build this worker's streaming datasets
@@ -20,7 +20,7 @@ import sys
 import traceback
 
 import keras
-from review_trainer import checkpointing, data, environment, evaluate, export, precision, transformers_export
+from review_trainer import backend, checkpointing, data, environment, evaluate, export, precision, transformers_export
 from review_trainer.data import sharding
 from review_trainer.errors import (
     EXIT_INTERNAL_ERROR,
@@ -44,7 +44,13 @@ SAMPLE_REVIEWS = ("This is great!", "This is OK.", "This is terrible.")
 def run(env, stop_signal):
     # 1. contract, hyperparameters, and the topology (its strategy comes before any other TensorFlow op)
     hp = Hyperparameters.from_dict(env.hyperparameters)
-    topology = Topology.set_up(env, hp)
+    backend_name, backend_reason = backend.choose(hp.backend, num_hosts=len(env.hosts), num_gpus=env.num_gpus,
+                                                  num_neurons=env.num_neurons, distribution=hp.distribution)
+    if keras.backend.backend() != backend_name:
+        raise HyperparameterError(
+            f"backend={backend_name} ({backend_reason}), but Keras was imported with the {keras.backend.backend()} "
+            "backend: start the job with the `train` command, which sets KERAS_BACKEND before Keras is imported")
+    topology = Topology.set_up(env, hp, backend_name)
     if environment.TRAIN_CHANNEL not in env.channel_dirs and environment.TRAIN_CHANNEL not in env.pipe_channels:
         present = [*env.channel_dirs, *env.pipe_channels]
         raise DataError(
@@ -53,12 +59,13 @@ def run(env, stop_signal):
         )
     capability = precision.gpu_compute_capability()
     policy = precision.choose_policy(hp.use_amp, capability, precision.cpu_has_bf16())
-    jit_compile = precision.choose_jit_compile(hp.use_xla, capability)
+    jit_compile = precision.choose_jit_compile(hp.use_xla, capability, backend_name)
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(hp.seed)
     learning_rate = hp.learning_rate * (topology.replicas if hp.scale_learning_rate else 1)
     print(f"hosts={','.join(env.hosts)} current_host={env.current_host} gpus={env.num_gpus} "
-          f"cpus={env.num_cpus} precision={policy} xla={jit_compile}")
+          f"cpus={env.num_cpus} backend={backend_name} precision={policy} xla={jit_compile} "
+          f"backend_reason={backend_reason}")
     print(topology.describe(hp.train_batch_size) + f" learning_rate={learning_rate:g}"
           + (f" (scale_learning_rate: {hp.learning_rate:g} x {topology.replicas} replicas)" if hp.scale_learning_rate else ""))
     print("hyperparameters " + " ".join(f"{k}={v}" for k, v in hp.to_dict().items()))
@@ -143,9 +150,11 @@ def run(env, stop_signal):
             hp, channels["train"], pretrained, policy, topology,
             train_input=f"Pipe RecordWrapperType={pipes['train'].record_wrapper}" if "train" in pipes else None)
         global_step, position = checkpointing.resume(store, model, fingerprint, topology, total_steps)
+    loop = TrainingLoop(topology, model, jit_compile=jit_compile, backend=backend_name, batch_sizes={
+        "train_batch_size": hp.train_batch_size, "validation_batch_size": hp.validation_batch_size})
     checkpointer = checkpointing.Checkpointer(store, fingerprint, model, global_step, hp.checkpoint_every_n_steps,
                                               checkpointing_on=checkpointing_on, position=position,
-                                              resume_by_position="train" in pipes)
+                                              resume_by_position="train" in pipes, sync_model=loop.sync_model)
     hooks = [MetricLogger(hp.log_every_n_steps), checkpointer]
     if hp.enable_tensorboard and topology.is_chief:
         hooks.append(TensorBoardLog(env.tensorboard_dir))
@@ -157,8 +166,6 @@ def run(env, stop_signal):
         train_batches = topology.distribute(lambda: data.make_training_stream(
             channels["train"], spec, tokenizer, hp.train_batch_size, hp.seed, start_step=global_step,
             shard=train_shard, bucket_by_length=hp.bucket_by_length))
-    loop = TrainingLoop(topology, model, jit_compile=jit_compile, batch_sizes={
-        "train_batch_size": hp.train_batch_size, "validation_batch_size": hp.validation_batch_size})
     if hp.bucket_by_length:
         print("bucket_by_length=true: training batches are cut to lengths "
               f"{','.join(map(str, data.bucket_lengths(hp.max_seq_length)))} (the serving signature takes {hp.max_seq_length})")
@@ -228,6 +235,7 @@ def run(env, stop_signal):
         "image_version": env.image_version,
         "hyperparameters": hp.to_dict(),
         "pretrained_model": {"path": pretrained.path, "model_type": pretrained.model_type},
+        "backend": backend_name,
         "precision": policy,
         "distribution": {"strategy": topology.kind, "workers": topology.num_workers, "replicas": topology.replicas},
         "xla": jit_compile,

@@ -1,24 +1,26 @@
-"""The training loop: one step clock for every strategy, one device or many hosts.
+"""The training loop: one step clock for every strategy and backend, one device or many hosts.
 
 Keras 3's `fit` fails under MultiWorkerMirroredStrategy (keras-team/keras#20585), so every run goes
-through this loop, read top to bottom like nanoGPT's. A step runs on every replica under
-`strategy.run` and all-reduces, besides the gradients (Keras's optimizer sums them), a few numbers:
+through this loop, read top to bottom like nanoGPT's. A step (training_steps.py: under the
+tf.distribute strategy, or jitted by JAX on one device) trains on the batch and sums over the
+job's replicas, besides the gradients, a few numbers:
 
-    examples   the global batch: each replica's loss is its sum over the global count, so the summed
-               gradients are those of the mean over the global batch (the last batch of a pass is smaller)
+    examples   the global batch, by which each replica's loss sum is divided
     loss, correct   for the metric lines, over the whole job
     stop votes      one per stop reason (SIGTERM, SIGINT): a host that received the signal votes, and
                every host sees the same sum, so all stop after the same step
 
 Hooks (metric lines, TensorBoard, checkpoints) are plain objects with any of on_epoch_begin,
 on_step_end, on_epoch_trained (the training pass ended; validation comes next), on_epoch_end and
-on_stop; on_stop returns what became of the progress.
+on_stop; on_stop returns what became of the progress. A hook that reads the model's variables
+calls `sync_model` first (JAX trains on arrays outside them).
 """
 
 import dataclasses
 import time
 
 import numpy as np
+from review_trainer import training_steps
 from review_trainer.errors import ResourceError
 
 STOP_REASONS = ("SIGTERM", "SIGINT")
@@ -47,92 +49,21 @@ class Totals:
 
 
 class TrainingLoop:
-    def __init__(self, topology, model, *, jit_compile, batch_sizes):
-        import keras
-        import tensorflow as tf
-
+    def __init__(self, topology, model, *, jit_compile, batch_sizes, backend="tensorflow"):
         self.topology = topology
         self.model = model
         self.batch_sizes = batch_sizes  # {"train_batch_size": n, "validation_batch_size": n}: per replica
-        self._loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-        # XLA compiles the replica's own computation; the collectives stay outside it.
-        self._forward_backward = tf.function(self._forward_backward_fn, jit_compile=jit_compile)
-        self._train_step = tf.function(lambda batch, votes: self._run(self._train_replica, batch, votes))
-        self._eval_step = tf.function(lambda batch, votes: self._run(self._eval_replica, batch, votes))
+        self.steps = training_steps.for_backend(backend, topology, model, jit_compile)
         self.input_seconds = 0.0  # spent waiting for the next batch (input_wait_share in the epoch line)
 
-    # One step, on every replica
-    def _run(self, replica_fn, batch, votes):
-        outputs = self.topology.strategy.run(replica_fn, args=(batch, votes))
-        return self.topology.strategy.experimental_local_results(outputs)[0]  # the same on every replica
-
-    def _train_replica(self, batch, votes):
-        import keras
-        import tensorflow as tf
-
-        features, labels = batch
-        context = tf.distribute.get_replica_context()
-        examples = tf.cast(tf.shape(labels)[0], tf.float32)
-        job_examples = context.all_reduce(tf.distribute.ReduceOp.SUM, examples)
-        gradients, loss_sum, correct = self._forward_backward(features, labels, job_examples)
-        if isinstance(self.model.optimizer, keras.optimizers.LossScaleOptimizer):
-            gradients = self._non_finite_everywhere_if_anywhere(gradients, context)
-        self.model.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
-        return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat([[loss_sum, correct, examples], votes], 0))
-
-    @staticmethod
-    def _non_finite_everywhere_if_anywhere(gradients, context):
-        """float16: Keras's LossScaleOptimizer decides to skip a step (and lower the scale) from each
-        worker's first replica's own gradients, before they are summed; an overflow on another
-        replica would then reach the weights (or one worker would skip and the other not, and
-        hang). One non-finite gradient anywhere makes every replica's non-finite: one decision."""
-        import tensorflow as tf
-
-        def values(g):  # an embedding's gradient stays sparse (IndexedSlices)
-            return g.values if isinstance(g, tf.IndexedSlices) else g
-
-        def poisoned(g, poison):
-            if isinstance(g, tf.IndexedSlices):
-                return tf.IndexedSlices(g.values + tf.cast(poison, g.dtype), g.indices, g.dense_shape)
-            return g + tf.cast(poison, g.dtype)
-
-        present = [values(g) for g in gradients if g is not None]
-        non_finite = tf.add_n([tf.reduce_sum(tf.cast(~tf.math.is_finite(g), tf.float32)) for g in present])
-        anywhere = context.all_reduce(tf.distribute.ReduceOp.SUM, non_finite) > 0
-        poison = tf.where(anywhere, float("nan"), 0.0)
-        return [None if g is None else poisoned(g, poison) for g in gradients]
-
-    def _forward_backward_fn(self, features, labels, job_examples):
-        import tensorflow as tf
-
-        with tf.GradientTape() as tape:
-            logits = self.model(features, training=True)
-            per_example = self._loss(labels, logits)
-            loss = tf.reduce_sum(per_example) / tf.maximum(job_examples, 1.0)
-            scaled = self.model.optimizer.scale_loss(loss)  # float16: the loss scale
-        gradients = tape.gradient(scaled, self.model.trainable_variables)
-        return gradients, tf.reduce_sum(per_example), self._correct(logits, labels)
-
-    def _eval_replica(self, batch, votes):
-        import tensorflow as tf
-
-        features, labels = batch
-        logits = self.model(features, training=False)
-        sums = [tf.reduce_sum(self._loss(labels, logits)), self._correct(logits, labels),
-                tf.cast(tf.shape(labels)[0], tf.float32)]
-        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tf.concat([sums, votes], 0))
-
-    @staticmethod
-    def _correct(logits, labels):
-        import tensorflow as tf
-
-        predicted = tf.argmax(logits, axis=-1, output_type=labels.dtype)
-        return tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.float32))
+    def sync_model(self):
+        """Brings the model's (and optimizer's) variables up to the last step."""
+        self.steps.sync_model()
 
     def _step(self, step_fn, iterator, stop_signal, what, batch_size_name="train_batch_size"):
         """Runs one step; returns (Totals, stop reason or None) as every worker sees them, or
         (None, None) when a finite dataset (a Pipe-mode pass) has ended."""
-        import tensorflow as tf
+        import tensorflow as tf  # tf.data feeds both backends
 
         votes = np.array([stop_signal.received == reason for reason in STOP_REASONS], np.float32)
         try:
@@ -144,11 +75,13 @@ class TrainingLoop:
                     return None, None
                 finally:
                     self.input_seconds += time.perf_counter() - waiting_since
-                sums = step_fn(batch, votes).numpy()
-        except tf.errors.ResourceExhaustedError as error:
+                sums = step_fn(batch, votes)
+        except Exception as error:
+            if not self.steps.out_of_memory(error):
+                raise
             raise ResourceError(
                 f"out of memory during {what} with {batch_size_name}={self.batch_sizes[batch_size_name]} "
-                f"examples per replica ({error.message.strip().splitlines()[0][:200]}); lower {batch_size_name} "
+                f"examples per replica ({getattr(error, 'message', str(error)).strip().splitlines()[0][:200]}); lower {batch_size_name} "
                 "or max_seq_length, or use an instance with more memory"
             ) from error
         totals = Totals(float(sums[0]), float(sums[1]), float(sums[2]))
@@ -189,7 +122,7 @@ class TrainingLoop:
                 skip = start_step - position["epoch_start_step"] if epoch == first_epoch else 0
                 iterator = iter(train_batches.epoch(epoch, skip_steps=skip))
             while pipe_mode or step < epoch * steps_per_epoch:
-                totals, reason = self._step(self._train_step, iterator, stop_signal, f"training step {step + 1}")
+                totals, reason = self._step(self.steps.train, iterator, stop_signal, f"training step {step + 1}")
                 if totals is None:
                     break
                 step += 1
@@ -216,6 +149,7 @@ class TrainingLoop:
                     pipe_passes.finish()
                 logs.update(val_loss=evaluated.loss, val_accuracy=evaluated.accuracy)
             call("on_epoch_end", epoch, step, logs)
+        self.sync_model()
         return training_seconds
 
     def evaluate(self, batches, steps, stop_signal, what="evaluation"):
@@ -223,7 +157,7 @@ class TrainingLoop:
         iterator = iter(batches)
         evaluated = Totals()
         for _ in range(steps) if steps is not None else iter(int, 1):  # None: to the end of the data
-            totals, reason = self._step(self._eval_step, iterator, stop_signal, what, "validation_batch_size")
+            totals, reason = self._step(self.steps.evaluate, iterator, stop_signal, what, "validation_batch_size")
             if totals is None:
                 break
             evaluated.add(totals)

@@ -8,7 +8,8 @@ Both train batch 32, up to 64 tokens, learning rate 1e-4, 2 epochs; samples/s ar
 epoch's (the first includes compilation and warm-up):
 - review-trainer: the real `train` entry, data pipeline included (its epoch line's
   train_samples_per_second), with bucket_by_length (the default) and without (every batch padded
-  to max_seq_length);
+  to max_seq_length), on the backend `auto` picks here, and with buckets on the other backend
+  (tensorflow or jax: the measurement behind backend=auto on CPUs);
 - the reference: transformers' AutoModelForSequenceClassification in PyTorch, AdamW, dynamic
   padding (each batch padded to its longest review), torch.set_num_threads(os.cpu_count()).
 It also prints the product tokenizer's throughput (reviews/s) and the mean padded length of each
@@ -42,7 +43,8 @@ def product(data_dir, pretrained, rows, extra):
     speeds = [float(v) for v in re.findall(r"\btrain_samples_per_second=(\S+)", log)]
     waits = [float(v) for v in re.findall(r"\binput_wait_share=(\S+)", log)]
     policy = re.search(r"\bprecision=(\S+)", log).group(1)
-    return speeds[-1], seconds, policy, waits[-1]
+    backend = re.search(r"\bbackend=(\S+) precision=", log).group(1)
+    return speeds[-1], seconds, f"{backend}, {policy}", waits[-1]
 
 
 def reference(texts, labels, pretrained, classes):
@@ -119,6 +121,9 @@ def main():
                                                                       {"bucket_by_length": "true", **extra})
     padded_speed, padded_seconds, _, padded_wait = product(args.data, args.pretrained, args.rows,
                                                            {"bucket_by_length": "false", **extra})
+    other_backend = "jax" if policy.startswith("tensorflow") else "tensorflow"
+    other_speed, other_seconds, other_policy, other_wait = product(
+        args.data, args.pretrained, args.rows, {"bucket_by_length": "true", **extra, "backend": other_backend})
     reference_speed, reference_padded = reference(texts, labels, args.pretrained, classes)
     bucketed_width = product_padded_length(args.data, args.pretrained, args.rows)
     reviews_per_second = tokenizer_throughput(texts, args.pretrained)
@@ -128,10 +133,12 @@ def main():
           f"{bucketed_speed:.1f} samples/s, {bucketed_wait:.1%} of it waiting for input (whole job {bucketed_seconds:.0f} s)")
     print(f"review-trainer, bucket_by_length=false ({policy}, every batch {MAX_LENGTH} tokens): "
           f"{padded_speed:.1f} samples/s, {padded_wait:.1%} of it waiting for input (whole job {padded_seconds:.0f} s)")
+    print(f"review-trainer, bucket_by_length=true, backend={other_backend} ({other_policy}): {other_speed:.1f} "
+          f"samples/s, {other_wait:.1%} of it waiting for input (whole job {other_seconds:.0f} s)")
     print(f"transformers PyTorch (float32, AdamW, dynamic padding: mean batch width {reference_padded:.1f} tokens): "
           f"{reference_speed:.1f} samples/s")
     print(f"ratio review-trainer / transformers: {bucketed_speed / reference_speed:.2f} with buckets, "
-          f"{padded_speed / reference_speed:.2f} without")
+          f"{padded_speed / reference_speed:.2f} without, {other_speed / reference_speed:.2f} on {other_backend}")
     print(f"review-trainer tokenizer: {reviews_per_second:,.0f} reviews/s")
 
 

@@ -1,0 +1,28 @@
+"""The `train` command: chooses the Keras backend, then runs the job (train.py).
+
+Keras fixes its backend when it is first imported, and the job's modules import it: the backend
+is set here first, from the `backend` hyperparameter and the devices (backend.py).
+"""
+
+import sys
+
+
+def main():
+    from review_trainer import backend, environment
+    from review_trainer.errors import JobError
+    from review_trainer.hyperparameters import Hyperparameters
+
+    try:
+        env = environment.read_environment()
+        hp = Hyperparameters.from_dict(env.hyperparameters)
+    except JobError:
+        pass  # the job reports what is wrong with its contract (output/failure)
+    else:
+        backend.select(env, hp.backend, hp.distribution)
+    from review_trainer import train
+
+    return train.main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""backend=jax: the same job on Keras's JAX backend (training_steps.JaxSteps), its checkpoints, exact
+resume and SavedModel; and which backend `auto` picks on which devices (backend.py)."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import FAST_HYPERPARAMETERS, TRAIN, amazon_tsv, make_opt_ml, make_reviews, read_failure, run_train, train_env
+from review_trainer import checkpointing
+from review_trainer.backend import choose
+
+JAX_HYPERPARAMETERS = {
+    **FAST_HYPERPARAMETERS, "backend": "jax", "epochs": "2", "log_every_n_steps": "1", "enable_checkpointing": "true",
+    "checkpoint_every_n_steps": "100", "run_sample_predictions": "false",
+}
+STEPS = 16  # 2 epochs of 64 reviews in batches of 8
+
+
+def jax_job(base, hyperparameters=None):
+    return make_opt_ml(str(base), {
+        "train": {"train.tsv": amazon_tsv(make_reviews(64, 31))},
+        "validation": {"validation.tsv": amazon_tsv(make_reviews(16, 32))},
+        "test": {"test.tsv": amazon_tsv(make_reviews(24, 33))},
+    }, {**JAX_HYPERPARAMETERS, **(hyperparameters or {})})
+
+
+def final_state(base):
+    saved = checkpointing.CheckpointStore(os.path.join(base, "checkpoints"), keep=2).latest()
+    with np.load(os.path.join(saved.path, checkpointing.STATE_FILE)) as arrays:
+        return saved, [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, distilbert_dir):
+    base = jax_job(tmp_path_factory.mktemp("jax"))
+    result = run_train(base, distilbert_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return base, result
+
+
+def test_a_jax_job_trains_checkpoints_and_records_its_backend(uninterrupted):
+    base, result = uninterrupted
+    assert re.search(r"^hosts=algo-1 .* backend=jax precision=float32 xla=True backend_reason=backend=jax$",
+                     result.stdout, re.M)
+    losses = [float(v) for v in re.findall(r"^epoch=\d step=\d+ running_train_loss=(\S+)", result.stdout, re.M)]
+    assert len(losses) == STEPS and all(np.isfinite(losses))
+    with open(os.path.join(base, "model", "manifest.json")) as f:
+        assert json.load(f)["backend"] == "jax"
+    saved, weights = final_state(base)
+    assert saved.global_step == STEPS and saved.fingerprint["backend"] == "jax"
+    # The checkpoint holds the trained state, written back from the jitted step (sync_model):
+    # the optimizer's iteration count, and weights that moved from the pretrained ones.
+    with open(os.path.join(saved.path, checkpointing.MANIFEST_FILE)) as f:
+        paths = [path for path, _ in json.load(f)["variables"]]
+    assert int(weights[paths.index(next(p for p in paths if p.endswith("iteration")))]) == STEPS
+    assert os.path.exists(os.path.join(base, "output", "success"))
+
+
+def test_a_jax_job_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(tmp_path, uninterrupted, distilbert_dir):
+    base = jax_job(tmp_path / "spot")
+    process = subprocess.Popen([TRAIN], env=train_env(base, distilbert_dir, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    for line in process.stdout:
+        if re.match(r"epoch=1 step=5 ", line):  # mid-epoch: the resumed run skips into the pass
+            process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == 143
+    stopped = re.match(r"Stopped: the job received SIGTERM at step (\d+) of 16; a checkpoint of step (\d+)",
+                       read_failure(base))
+    assert stopped and stopped[1] == stopped[2] and 5 <= int(stopped[1]) < STEPS
+    result = run_train(base, distilbert_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(rf"^resumed from .*/step-0*{stopped[1]}: global step {stopped[1]} of 16$", result.stdout, re.M)
+    (_, resumed), (_, expected) = final_state(base), final_state(uninterrupted[0])
+    assert len(resumed) == len(expected)
+    for got, want in zip(resumed, expected):  # dropout seeds, Adam's moments and the step count included
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+SAVED_MODEL_VERSUS_JAX_MODEL = r"""
+import json, os, sys
+os.environ["KERAS_BACKEND"] = "jax"
+import keras, numpy as np
+from review_trainer import checkpointing
+from review_trainer.model import build_classifier
+from review_trainer.pretrained import load_backbone, open_checkpoint
+base, pretrained = sys.argv[1], sys.argv[2]
+model = build_classifier(load_backbone(open_checkpoint(pretrained)), 5, 16)
+model.compile(optimizer=keras.optimizers.Adam())
+saved = checkpointing.CheckpointStore(base + "/checkpoints", keep=2).latest()
+checkpointing.restore(model, saved)  # the job's final weights, into a model built on JAX
+rng = np.random.default_rng(0)
+ids = rng.integers(5, 60, (6, 16)).astype("int32")
+mask = (np.arange(16) < rng.integers(3, 17, (6, 1))).astype("int32")
+ids = ids * mask
+jax_probabilities = np.asarray(keras.ops.softmax(model({"token_ids": ids, "padding_mask": mask}, training=False)))
+import tensorflow as tf
+serve = tf.saved_model.load(base + "/model/tensorflow/saved_model/0").signatures["serving_default"]
+served = serve(input_ids=tf.constant(ids), input_mask=tf.constant(mask))["probabilities"].numpy()
+print(json.dumps({"keras_backend": keras.backend.backend(), "jax": jax_probabilities.tolist(), "served": served.tolist()}))
+"""
+
+
+def test_the_saved_model_of_a_jax_job_gives_the_jax_models_probabilities(uninterrupted, distilbert_dir):
+    base, _ = uninterrupted
+    run = subprocess.run([sys.executable, "-c", SAVED_MODEL_VERSUS_JAX_MODEL, base, distilbert_dir],
+                         capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["keras_backend"] == "jax"
+    jax_probabilities, served = np.array(out["jax"]), np.array(out["served"])
+    assert served.shape == (6, 5) and np.isfinite(served).all()
+    # Trained weights give distinct rows; equal rows would also match a constant model.
+    assert np.ptp(jax_probabilities[:, 0]) > 1e-4
+    np.testing.assert_allclose(served, jax_probabilities, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("hyperparameters, hosts, message", [
+    ({"use_xla": "false"}, ("algo-1",), "use_xla=false, but backend=jax always compiles with XLA"),
+    ({}, ("algo-1", "algo-2"), "backend=jax trains on one device, but this job would use distribution=multi_worker"),
+])
+def test_what_the_jax_step_cannot_do_fails_at_the_start_saying_what_to_set(tmp_path, distilbert_dir, hyperparameters,
+                                                                           hosts, message):
+    base = make_opt_ml(str(tmp_path), {"train": {"t.tsv": amazon_tsv(make_reviews(16))}},
+                       {**JAX_HYPERPARAMETERS, **hyperparameters}, hosts=hosts)
+    result = run_train(base, distilbert_dir)
+    assert result.returncode == 2, result.stderr[-2000:]  # HyperparameterError
+    assert read_failure(base).startswith(f"HyperparameterError: {message}")
+
+
+def test_auto_runs_tensorflow_on_a_cpu(distilbert_job):
+    _, result = distilbert_job
+    assert re.search(r" backend=tensorflow .* backend_reason=auto: a CPU, where TensorFlow was measured fastest$",
+                     result.stdout, re.M)
+
+
+@pytest.mark.parametrize("devices, distribution, expected", [
+    ({"num_hosts": 1, "num_gpus": 0, "num_neurons": 0}, "auto", "tensorflow"),  # CPU: measured (README)
+    ({"num_hosts": 1, "num_gpus": 1, "num_neurons": 0}, "auto", "jax"),  # one GPU: measured on an H100
+    ({"num_hosts": 1, "num_gpus": 8, "num_neurons": 0}, "auto", "tensorflow"),  # MirroredStrategy
+    ({"num_hosts": 1, "num_gpus": 8, "num_neurons": 0}, "none", "jax"),  # one of the GPUs
+    ({"num_hosts": 2, "num_gpus": 1, "num_neurons": 0}, "auto", "tensorflow"),  # MultiWorkerMirroredStrategy
+    ({"num_hosts": 2, "num_gpus": 1, "num_neurons": 0}, "none", "jax"),  # only the chief trains, on its GPU
+    ({"num_hosts": 1, "num_gpus": 0, "num_neurons": 32}, "auto", "jax"),  # Trainium: jax-neuronx
+])
+def test_auto_picks_the_backend_the_readme_measured(devices, distribution, expected):
+    assert choose("auto", distribution=distribution, **devices)[0] == expected
+    for requested in ("tensorflow", "jax"):  # a backend named is a backend used
+        assert choose(requested, distribution=distribution, **devices) == (requested, f"backend={requested}")
