@@ -15,7 +15,7 @@ SAMPLE := build/sample
 SAGEMAKER_V2 := .venv-sagemaker-v2
 SAGEMAKER_V3 := .venv-sagemaker-v3
 
-.PHONY: sample test benchmark benchmark-speed lock clean sagemaker-v2 sagemaker-v3
+.PHONY: sample test benchmark benchmark-speed benchmark-frozen gpu-wheels lock clean sagemaker-v2 sagemaker-v3
 
 $(VENV)/.installed: docker/requirements.lock docker/requirements-nodeps.lock docker/requirements-dev.lock code/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,11 +53,31 @@ benchmark: $(VENV)/.installed
 benchmark-speed: $(VENV)/.installed
 	$(PY) tests/benchmarks/speed.py --data ../shared/data/movie5 --pretrained $(PRETRAINED) $(if $(ROWS),--rows $(ROWS))
 
-# Re-resolves the lock files from docker/*.in (needs uv: pip install uv).
+# The frozen encoder's cache: epoch samples/s and test accuracy with and without it, both heads (ROWS=N: the first N sentences).
+benchmark-frozen: $(VENV)/.installed
+	$(PY) tests/benchmarks/frozen_cache.py --data ../shared/data/movie5 --pretrained $(PRETRAINED) $(if $(ROWS),--rows $(ROWS))
+
+# keras and keras-hub (and what they import) as Python 3.12 wheels, for tests/benchmarks/gpu.sh on a
+# lent GPU machine, which has JAX and PyTorch but no network. Versions as in the lock files.
+GPU_WHEELS := keras==3.15.1 keras-hub==0.32.0 namex==0.1.0 optree==0.20.0 h5py==3.14.0 absl-py==2.5.1 \
+	rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 pygments==2.21.0 regex==2026.11.19 sentencepiece==0.2.3
+gpu-wheels: $(VENV)/.installed
+	rm -rf build/gpu-wheels
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d build/gpu-wheels $(GPU_WHEELS)
+
+# Re-resolves the lock files from docker/*.in (needs uv: pip install uv). The GPU lock leaves out the
+# CUDA wheels that neither TensorFlow nor JAX loads (requirements-gpu.in says why); the neuron lock is
+# for the Neuron base image's Python 3.13, without the base's own jax and jaxlib.
 UV_COMPILE := uv pip compile --python-version 3.11 --python-platform x86_64-manylinux_2_28 --quiet
+UV_COMPILE_NEURON := uv pip compile --python-version 3.13 --python-platform x86_64-manylinux_2_28 --quiet
+GPU_UNUSED := nvidia-curand-cu12 nvidia-nvshmem-cu12 nvidia-cuda-cccl-cu12
 lock:
 	cd docker && $(UV_COMPILE) --generate-hashes requirements.in -o requirements.lock
-	cd docker && $(UV_COMPILE) --generate-hashes requirements-gpu.in -o requirements-gpu.lock
+	cd docker && $(UV_COMPILE) --generate-hashes $(addprefix --no-emit-package ,$(GPU_UNUSED)) \
+		requirements-gpu.in -o requirements-gpu.lock
+	cd docker && $(UV_COMPILE_NEURON) --generate-hashes --no-emit-package jax --no-emit-package jaxlib \
+		requirements-neuron.in -o requirements-neuron.lock
 	cd docker && $(UV_COMPILE) --generate-hashes --no-deps requirements-nodeps.in -o requirements-nodeps.lock
 	cd docker && $(UV_COMPILE) -c requirements.lock requirements-dev.in -o requirements-dev.lock
 	cd docker && $(UV_COMPILE) --generate-hashes requirements-sagemaker-v2.in -o requirements-sagemaker-v2.lock

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the review-trainer image and pushes it to Amazon ECR; prints the image URI.
 #
-#   ./build_and_push.sh [--name review-trainer] [--tag 0.1.0] [--region eu-west-1] [--target gpu|cpu]
+#   ./build_and_push.sh [--name review-trainer] [--tag 0.1.0] [--region eu-west-1] [--target gpu|cpu|neuron]
 #                       [--platform linux/amd64] [--weights hub:MODEL_ID@REVISION | local:DIR]
 #
 # The region comes from --region, then AWS_REGION, AWS_DEFAULT_REGION, then `aws configure get
@@ -41,7 +41,8 @@ done
 
 # Every option and the weights' hashes are checked before any AWS call: a bad option leaves no
 # empty ECR repository behind.
-[[ "$target" == "gpu" || "$target" == "cpu" ]] || die "--target must be gpu or cpu, not '$target'"
+[[ "$target" == "gpu" || "$target" == "cpu" || "$target" == "neuron" ]] \
+    || die "--target must be gpu, cpu or neuron, not '$target'"
 # ECR's rule for repository names, and Docker's for tags.
 [[ "$name" =~ ^[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*$ && ${#name} -ge 2 && ${#name} -le 256 ]] \
     || die "--name '$name' is not an ECR repository name (lowercase letters, digits, and . _ - / between them)"
@@ -49,6 +50,9 @@ done
     || die "--tag '$tag' is not a Docker tag (letters, digits, _ . -, up to 128, not starting with . or -)"
 [[ "$platform" == "linux/amd64" || "$platform" == "linux/arm64" ]] \
     || die "--platform must be linux/amd64 or linux/arm64, not '$platform'"
+# AWS publishes the Neuron base image (and Trainium instances are) for x86-64 only.
+[[ "$target" != "neuron" || "$platform" == "linux/amd64" ]] \
+    || die "--target neuron needs --platform linux/amd64 (the Neuron base image is x86-64 only), not '$platform'"
 weights_dir="$(dirname "$0")/docker/weights"
 required_files=(config.json model.safetensors vocab.txt)
 case "$weights" in

@@ -29,7 +29,7 @@ def test_dockerfile_is_hadolint_clean_at_every_level():
 
 
 def test_shell_scripts_are_shellcheck_clean():
-    result = subprocess.run([tool("shellcheck"), "build_and_push.sh", ".ci/run"], cwd=REPO,
+    result = subprocess.run([tool("shellcheck"), "build_and_push.sh", ".ci/run", "tests/benchmarks/gpu.sh"], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
@@ -162,7 +162,7 @@ def test_the_default_weights_have_committed_hashes_and_reach_the_build(tmp_path,
 
 @pytest.mark.parametrize("case", ["hub revision without hashes", "local folder that differs from its sums",
                                   "local folder that is missing", "bad target", "bad tag", "bad platform",
-                                  "bad repository name"])
+                                  "neuron on arm64", "bad repository name"])
 def test_bad_options_and_weights_stop_before_any_aws_call(tmp_path, moto_ecr, local_weights, case):
     name = "review-trainer-" + case.replace(" ", "-")
     if case == "local folder that differs from its sums":
@@ -181,9 +181,11 @@ def test_bad_options_and_weights_stop_before_any_aws_call(tmp_path, moto_ecr, lo
         "local folder that differs from its sums": (["--weights", "local:ci-tampered"],
                                                     "does not match its SHA256SUMS: vocab.txt: FAILED"),
         "local folder that is missing": (["--weights", "local:nowhere"], "docker/weights/nowhere is not a folder"),
-        "bad target": (["--target", "tpu"], "--target must be gpu or cpu, not 'tpu'"),
+        "bad target": (["--target", "tpu"], "--target must be gpu, cpu or neuron, not 'tpu'"),
         "bad tag": (["--tag", "0.1 beta"], "--tag '0.1 beta' is not a Docker tag"),
         "bad platform": (["--platform", "amd64"], "--platform must be linux/amd64 or linux/arm64, not 'amd64'"),
+        "neuron on arm64": (["--target", "neuron", "--platform", "linux/arm64"],
+                            "--target neuron needs --platform linux/amd64"),
         "bad repository name": (["--name", "Review_Trainer"], "--name 'Review_Trainer' is not an ECR repository name"),
     }[case]
     try:
@@ -194,6 +196,41 @@ def test_bad_options_and_weights_stop_before_any_aws_call(tmp_path, moto_ecr, lo
     assert calls == []  # not even `docker info`
     repositories = _ecr_client(moto_ecr).describe_repositories()["repositories"]
     assert name not in [r["repositoryName"] for r in repositories]  # no empty repository left behind
+
+
+def test_the_neuron_target_reaches_the_build(tmp_path, moto_ecr, local_weights):
+    result, calls = run_build_and_push(tmp_path, moto_ecr, "--target", "neuron", "--weights", "local:ci-tiny")
+    assert result.returncode == 0, result.stderr
+    assert calls[2].split()[:5] == ["build", "--target", "neuron", "--platform", "linux/amd64"]
+
+
+def test_dockerfile_targets_parse_and_the_neuron_target_keeps_the_base_jax():
+    """The Neuron target cannot be built here (its base image is not reachable): check what can be."""
+    with open(os.path.join(REPO, "Dockerfile")) as f:
+        dockerfile = f.read()
+    stages = [line.split()[-1] for line in dockerfile.splitlines() if line.startswith("FROM ")]
+    assert {"cpu", "gpu", "neuron"} <= set(stages)
+    assert "ARG NEURON_BASE_IMAGE=public.ecr.aws/neuron/jax-training-neuronx:" in dockerfile
+    with open(os.path.join(REPO, "docker", "requirements-neuron.lock")) as f:
+        lock = f.read()
+    pinned = {line.split("==")[0] for line in lock.splitlines() if "==" in line and not line.startswith(" ")}
+    assert "tensorflow-cpu" in pinned and "keras" in pinned
+    assert not pinned & {"jax", "jaxlib", "jax-neuronx", "libneuronxla", "tensorflow"}
+    with open(os.path.join(REPO, "docker", "requirements-gpu.lock")) as f:
+        gpu_pinned = {line.split("==")[0] for line in f if "==" in line and not line.startswith(" ")}
+    assert {"tensorflow", "jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt", "nvidia-cudnn-cu12"} <= gpu_pinned
+    assert not any(name.startswith("nvidia-") and not name.endswith("-cu12") for name in gpu_pinned)  # one CUDA
+
+
+def test_without_installed_drops_what_the_python_already_has(tmp_path):
+    lock = tmp_path / "test.lock"
+    lock.write_text("# header\n"
+                    "pip==1.0 \\\n    --hash=sha256:aa \\\n    --hash=sha256:bb\n    # via -r x.in\n"
+                    "not-a-real-package-xyz==2.0 \\\n    --hash=sha256:cc\n    # via -r x.in\n")
+    result = subprocess.run([sys.executable, os.path.join(REPO, "docker", "without_installed.py"), str(lock)],
+                            capture_output=True, text=True, check=True)
+    assert result.stdout == "not-a-real-package-xyz==2.0 \\\n    --hash=sha256:cc\n"
+    assert "kept from the base image: pip " in result.stderr and "(lock: 1.0)" in result.stderr
 
 
 def test_region_option_wins_over_the_environment(tmp_path, moto_ecr):

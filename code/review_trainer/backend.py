@@ -44,4 +44,7 @@ def select(env, requested, distribution):
     backend, reason = choose(requested, num_hosts=len(env.hosts), num_gpus=env.num_gpus,
                              num_neurons=env.num_neurons, distribution=distribution)
     os.environ["KERAS_BACKEND"] = backend
+    if backend == "jax" and not env.num_gpus and not env.num_neurons:
+        # The GPU image's CUDA plugin would try to start without a GPU, and log that it failed.
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     return backend, reason

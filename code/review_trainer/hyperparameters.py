@@ -36,6 +36,8 @@ class Hyperparameters:
     head: str = "cls"  # cls: [CLS] -> dropout -> Dense; bilstm: the book's BiLSTM head
     max_seq_length: int = 64
     freeze_bert_layer: bool = False
+    # Frozen encoder: its outputs computed in the first epoch and kept; the head trains on them (frozen_encoder.py)
+    cache_frozen_encoder: bool = True
     use_amp: bool | str = AUTO  # auto: measured per device, see precision.py
     use_xla: bool | str = AUTO
     backend: str = AUTO  # Keras's backend: tensorflow, jax, or auto (measured per device, see backend.py)

@@ -121,6 +121,7 @@ class ReviewTokenizer:
         pad_id = self._tokenizer.token_to_id("[PAD]")
         if pad_id is None:
             pad_id = 0
+        self.pad_id = pad_id
         pad_token = self._tokenizer.id_to_token(pad_id)
         # The folder's tokenizer.json may carry its own truncation and padding: ours win.
         self._tokenizer.enable_truncation(max_length=max_seq_length)

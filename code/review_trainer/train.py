@@ -20,7 +20,17 @@ import sys
 import traceback
 
 import keras
-from review_trainer import backend, checkpointing, data, environment, evaluate, export, precision, transformers_export
+from review_trainer import (
+    backend,
+    checkpointing,
+    data,
+    environment,
+    evaluate,
+    export,
+    frozen_encoder,
+    precision,
+    transformers_export,
+)
 from review_trainer.data import sharding
 from review_trainer.errors import (
     EXIT_INTERNAL_ERROR,
@@ -32,7 +42,7 @@ from review_trainer.errors import (
 )
 from review_trainer.hyperparameters import Hyperparameters
 from review_trainer.metric_log import MetricLogger, TensorBoardLog, format_metrics
-from review_trainer.model import build_classifier
+from review_trainer.model import build_classifier_parts
 from review_trainer.pretrained import ReviewTokenizer, load_backbone, open_checkpoint
 from review_trainer.stopping import StopSignal
 from review_trainer.topology import Topology
@@ -141,8 +151,10 @@ def run(env, stop_signal):
     with topology.scope():
         backbone = load_backbone(pretrained)
         backbone.trainable = not hp.freeze_bert_layer
-        model = build_classifier(backbone, len(hp.classes), hp.max_seq_length, head=hp.head,
-                                 dropout=pretrained.classifier_dropout)
+        # A frozen encoder runs in inference mode (no dropout), so its outputs can be cached
+        classifier = build_classifier_parts(backbone, len(hp.classes), hp.max_seq_length, head=hp.head,
+                                            dropout=pretrained.classifier_dropout)
+        model = classifier.model
         # float16: compile wraps the optimizer in Keras's LossScaleOptimizer
         model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate, epsilon=hp.epsilon))
         model.optimizer.build(model.trainable_variables)
@@ -150,7 +162,7 @@ def run(env, stop_signal):
             hp, channels["train"], pretrained, policy, topology,
             train_input=f"Pipe RecordWrapperType={pipes['train'].record_wrapper}" if "train" in pipes else None)
         global_step, position = checkpointing.resume(store, model, fingerprint, topology, total_steps)
-    loop = TrainingLoop(topology, model, jit_compile=jit_compile, backend=backend_name, batch_sizes={
+    loop = TrainingLoop(topology, model, jit_compile=jit_compile, backend=backend_name, head=classifier.head, batch_sizes={
         "train_batch_size": hp.train_batch_size, "validation_batch_size": hp.validation_batch_size})
     checkpointer = checkpointing.Checkpointer(store, fingerprint, model, global_step, hp.checkpoint_every_n_steps,
                                               checkpointing_on=checkpointing_on, position=position,
@@ -158,19 +170,29 @@ def run(env, stop_signal):
     hooks = [MetricLogger(hp.log_every_n_steps), checkpointer]
     if hp.enable_tensorboard and topology.is_chief:
         hooks.append(TensorBoardLog(env.tensorboard_dir))
+    # Frozen encoder: its outputs kept from the first epoch on, the head trained on them (frozen_encoder.py)
+    cache = None
+    if hp.freeze_bert_layer and hp.cache_frozen_encoder:
+        cache = frozen_encoder.EncoderCache(classifier.encoder, hp.max_seq_length, tokenizer.pad_id)
+        hooks.append(cache)
+        print(cache.describe(None if "train" in pipes else train_shard.reviews_per_worker))
+    elif hp.freeze_bert_layer:
+        print("frozen_encoder_cache=off (cache_frozen_encoder=false): the frozen encoder runs on every batch")
+    stage = cache.stage if cache else (lambda batches: batches)
     if "train" in pipes:
         train_batches = pipe_readers["train"] = data.PipePasses(
             pipes["train"], spec, tokenizer, hp.train_batch_size, hp.max_bad_row_fraction, train_shard, seed=hp.seed,
-            topology=topology, bucket_by_length=hp.bucket_by_length)
+            topology=topology, bucket_by_length=hp.bucket_by_length, stage=stage)
     else:
-        train_batches = topology.distribute(lambda: data.make_training_stream(
+        train_batches = topology.distribute(lambda: stage(data.make_training_stream(
             channels["train"], spec, tokenizer, hp.train_batch_size, hp.seed, start_step=global_step,
-            shard=train_shard, bucket_by_length=hp.bucket_by_length))
+            shard=train_shard, bucket_by_length=hp.bucket_by_length)))
     if hp.bucket_by_length:
         print("bucket_by_length=true: training batches are cut to lengths "
               f"{','.join(map(str, data.bucket_lengths(hp.max_seq_length)))} (the serving signature takes {hp.max_seq_length})")
     print(f"training: {hp.epochs} epoch(s) of {steps_per_epoch or 'one Pipe-mode pass of'} steps from step {global_step}, "
-          f"{model.count_params():,} parameters ({'encoder frozen' if hp.freeze_bert_layer else 'all trainable'})")
+          f"{model.count_params():,} parameters "
+          f"({'encoder frozen, in inference mode (no dropout)' if hp.freeze_bert_layer else 'all trainable'})")
     with stop_signal.deferred():
         training_seconds = loop.fit(train_batches, start_step=global_step, steps_per_epoch=steps_per_epoch,
                                     epochs=hp.epochs, validation=validation, stop_signal=stop_signal, hooks=hooks,

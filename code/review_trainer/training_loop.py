@@ -49,11 +49,12 @@ class Totals:
 
 
 class TrainingLoop:
-    def __init__(self, topology, model, *, jit_compile, batch_sizes, backend="tensorflow"):
+    def __init__(self, topology, model, *, jit_compile, batch_sizes, backend="tensorflow", head=None):
+        """head: the model's head alone, for batches of cached encoder outputs (frozen_encoder.py)."""
         self.topology = topology
         self.model = model
         self.batch_sizes = batch_sizes  # {"train_batch_size": n, "validation_batch_size": n}: per replica
-        self.steps = training_steps.for_backend(backend, topology, model, jit_compile)
+        self.steps = training_steps.for_backend(backend, topology, model, jit_compile, head)
         self.input_seconds = 0.0  # spent waiting for the next batch (input_wait_share in the epoch line)
 
     def sync_model(self):

@@ -14,10 +14,10 @@ state back into them before anything reads the model (a checkpoint, the end of t
 import numpy as np
 
 
-def for_backend(backend, topology, model, jit_compile):
+def for_backend(backend, topology, model, jit_compile, head=None):
     if backend == "jax":
-        return JaxSteps(model)
-    return TensorFlowSteps(topology, model, jit_compile)
+        return JaxSteps(model, head)
+    return TensorFlowSteps(topology, model, jit_compile, head)
 
 
 def _sparse_cross_entropy():
@@ -31,11 +31,14 @@ class TensorFlowSteps:
     replica's loss is its sum over the global example count, so the summed gradients are those of
     the mean over the global batch (the last batch of a pass is smaller)."""
 
-    def __init__(self, topology, model, jit_compile):
+    def __init__(self, topology, model, jit_compile, head=None):
         import tensorflow as tf
 
         self.topology = topology
         self.model = model
+        # The model's head alone, for batches of cached encoder outputs (frozen_encoder.py): its
+        # variables are the model's own, and with the encoder frozen, all of its trainable ones.
+        self.head = head
         self._loss = _sparse_cross_entropy()
         # XLA compiles the replica's own computation; the collectives stay outside it.
         self._forward_backward = tf.function(self._forward_backward_fn, jit_compile=jit_compile)
@@ -101,7 +104,7 @@ class TensorFlowSteps:
         import tensorflow as tf
 
         with tf.GradientTape() as tape:
-            logits = self.model(features, training=True)
+            logits = self._classify(features, training=True)
             per_example = self._loss(labels, logits)
             loss = tf.reduce_sum(per_example) / tf.maximum(job_examples, 1.0)
             scaled = self.model.optimizer.scale_loss(loss)  # float16: the loss scale
@@ -112,10 +115,14 @@ class TensorFlowSteps:
         import tensorflow as tf
 
         features, labels = batch
-        logits = self.model(features, training=False)
+        logits = self._classify(features, training=False)
         sums = [tf.reduce_sum(self._loss(labels, logits)), self._correct(logits, labels),
                 tf.cast(tf.shape(labels)[0], tf.float32)]
         return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tf.concat([sums, votes], 0))
+
+    def _classify(self, features, training):
+        """Logits of a batch: token ids through the whole model, encoder outputs through its head."""
+        return (self.head if _is_cached(features) else self.model)(features, training=training)
 
     @staticmethod
     def _correct(logits, labels):
@@ -134,10 +141,11 @@ class JaxSteps:
     donates the state's buffers to its result, so one copy of the state is in memory.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, head=None):
         import jax
 
         self.model = model
+        self.head = head  # as TensorFlowSteps.head
         self._loss = _sparse_cross_entropy()
         weights = {id(v) for v in model.non_trainable_weights}
         self._changing = [v for v in model.non_trainable_variables if id(v) not in weights]  # seed states
@@ -179,14 +187,17 @@ class JaxSteps:
                            [v.value for v in self.model.optimizer.variables])
         return self._state
 
-    def _non_trainable(self, changing, fixed):
-        """Values in the order of model.non_trainable_variables, as stateless_call takes them."""
-        by_id = {id(v): value for v, value in zip(self._changing + self._fixed, list(changing) + list(fixed))}
-        return [by_id[id(v)] for v in self.model.non_trainable_variables]
-
-    def _updated_changing(self, non_trainable):
-        position = {id(v): i for i, v in enumerate(self.model.non_trainable_variables)}
-        return [non_trainable[position[id(v)]] for v in self._changing]
+    def _stateless_call(self, trainable, changing, fixed, features, training):
+        """(logits, changing): Keras's stateless call of the model, or of its head alone on a batch of
+        cached encoder outputs (frozen_encoder.py), whose variables are some of the model's."""
+        values = {id(v): x for v, x in zip(self.model.trainable_variables, trainable)}
+        values.update((id(v), x) for v, x in zip(self._changing + self._fixed, [*changing, *fixed]))
+        network = self.head if _is_cached(features) else self.model
+        logits, non_trainable = network.stateless_call(
+            [values[id(v)] for v in network.trainable_variables],
+            [values[id(v)] for v in network.non_trainable_variables], features, training=training)
+        values.update((id(v), x) for v, x in zip(network.non_trainable_variables, non_trainable))
+        return logits, [values[id(v)] for v in self._changing]
 
     def _train_fn(self, state, fixed, features, labels, votes):
         import jax
@@ -197,25 +208,23 @@ class JaxSteps:
         optimizer = self.model.optimizer
 
         def loss_fn(trainable):
-            logits, non_trainable = self.model.stateless_call(
-                trainable, self._non_trainable(changing, fixed), features, training=True)
+            logits, updated_changing = self._stateless_call(trainable, changing, fixed, features, training=True)
             per_example = self._loss(labels, logits)
             loss = jnp.sum(per_example) / jnp.maximum(labels.shape[0], 1)
             # float16: Keras's LossScaleOptimizer multiplies by its current scale, a variable
             with keras.StatelessScope(state_mapping=list(zip(optimizer.variables, optimizer_values))):
                 scaled = optimizer.scale_loss(loss)
-            return scaled, (non_trainable, jnp.sum(per_example), self._correct(logits, labels))
+            return scaled, (updated_changing, jnp.sum(per_example), self._correct(logits, labels))
 
-        gradients, (non_trainable, loss_sum, correct) = jax.grad(loss_fn, has_aux=True)(trainable)
+        gradients, (changing, loss_sum, correct) = jax.grad(loss_fn, has_aux=True)(trainable)
         trainable, optimizer_values = optimizer.stateless_apply(optimizer_values, gradients, trainable)
         sums = jnp.concatenate([jnp.stack([loss_sum, correct, jnp.float32(labels.shape[0])]), votes])
-        return sums, (trainable, self._updated_changing(non_trainable), optimizer_values)
+        return sums, (trainable, changing, optimizer_values)
 
     def _eval_fn(self, trainable, changing, fixed, features, labels, votes):
         import jax.numpy as jnp
 
-        logits, _ = self.model.stateless_call(trainable, self._non_trainable(changing, fixed), features,
-                                              training=False)
+        logits, _ = self._stateless_call(trainable, changing, fixed, features, training=False)
         sums = jnp.stack([jnp.sum(self._loss(labels, logits)), self._correct(logits, labels),
                           jnp.float32(labels.shape[0])])
         return jnp.concatenate([sums, votes])
@@ -225,6 +234,12 @@ class JaxSteps:
         import jax.numpy as jnp
 
         return jnp.sum(jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+
+
+def _is_cached(features):
+    from review_trainer.model import ENCODER_OUTPUT
+
+    return isinstance(features, dict) and ENCODER_OUTPUT in features
 
 
 def _as_numpy(batch):

@@ -128,6 +128,7 @@ def main():
     parser.add_argument("--small", action="store_true", help="a tiny model, to try the script on a CPU")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated Keras dtype policies")
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="the card's dense bf16 peak")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -145,7 +146,7 @@ def main():
     results = {"devices": [str(d) for d in jax.devices()], "keras": keras.__version__, "jax": jax.__version__,
                "batch_size": batch_size, "length": length, "samples_per_second": {}}
     bound = None
-    for policy in POLICIES:
+    for policy in args.policies.split(","):
         speeds = {
             "train_on_batch": train_on_batch_speed(build(folder, policy, length), x, y, args.steps),
             "product step": product_step_speed(build(folder, policy, length), x, y, args.steps),

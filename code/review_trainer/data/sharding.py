@@ -43,6 +43,11 @@ class Shard:
         return sum(f.good_rows for f in self.files)
 
     @property
+    def reviews_per_worker(self):
+        """Rows this worker trains on in a pass: its files' rows, or (record) its replicas' share of them."""
+        return self.rows * self.local_replicas // self.group_replicas
+
+    @property
     def job_rows(self):
         """Rows of one pass over the job's data (every worker's files)."""
         return self.rows if self.by == RECORD else sum(self.worker_rows)

@@ -82,8 +82,9 @@ class PipePasses:
     """
 
     def __init__(self, channel, spec, tokenizer, batch_size, max_bad_row_fraction, shard=None, *, seed=None,
-                 topology=None, bucket_by_length=False):
+                 topology=None, bucket_by_length=False, stage=None):
         self.channel, self.spec, self.tokenizer = channel, spec, tokenizer
+        self.stage = stage or (lambda batches: batches)  # the last stage of a training pass (frozen_encoder.py)
         self.batch_size, self.max_bad_row_fraction = batch_size, max_bad_row_fraction
         self.shard = shard or sharding.Shard(sharding.CHANNEL, ())
         self.seed = seed  # None: not shuffled (evaluation)
@@ -95,7 +96,7 @@ class PipePasses:
 
     def epoch(self, epoch, skip_steps=0):
         """The training loop's batches of an epoch (1-based): the next FIFO, distributed."""
-        return self.topology.distribute(lambda: self.dataset(pass_index=epoch - 1, skip_steps=skip_steps))
+        return self.topology.distribute(lambda: self.stage(self.dataset(pass_index=epoch - 1, skip_steps=skip_steps)))
 
     def dataset(self, *, pass_index=0, skip_steps=0):
         import tensorflow as tf
