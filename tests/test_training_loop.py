@@ -44,6 +44,17 @@ def test_out_of_memory_in_a_step_is_a_resource_error_with_the_per_replica_batch(
     assert (kind, exit_code) == ("ResourceError", 5) and message.startswith("out of memory (ResourceExhaustedError)")
 
 
+def test_out_of_memory_on_jax_is_a_resource_error_in_a_step_and_anywhere_else():
+    import jax
+
+    oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 3.2GiB")
+    assert training_steps.JaxSteps.out_of_memory(oom)
+    assert not training_steps.JaxSteps.out_of_memory(jax.errors.JaxRuntimeError("INTERNAL: something else"))
+    kind, message, exit_code = train.describe_failure(oom)  # e.g. in the test evaluation, after training
+    assert (kind, exit_code) == ("ResourceError", 5) and message.startswith("out of memory (JaxRuntimeError)")
+    assert train.describe_failure(jax.errors.JaxRuntimeError("INTERNAL: x"))[0] == "InternalError"
+
+
 def test_stop_votes_say_which_signal_this_host_received():
     seen = []
     loop = loop_without_model(8)
@@ -71,16 +82,23 @@ inputs = keras.Input((4,), name="token_ids")
 model = keras.Model(inputs, keras.layers.Dense(3, dtype="float32")(keras.layers.Dense(8)(inputs)))
 model.compile(optimizer=keras.optimizers.Adam(learning_rate=0.01))
 model.optimizer.build(model.trainable_variables)
-before = [w.numpy().copy() for w in model.trainable_weights]
+before = [keras.ops.convert_to_numpy(w).copy() for w in model.trainable_weights]
 loop = TrainingLoop(Topology(tf.distribute.get_strategy(), "none", "test", ("algo-1",), 0, 1), model,
                     jit_compile=False, batch_sizes={"train_batch_size": 16}, backend=sys.argv[1])
 rng = np.random.default_rng(0)
 batch = (rng.normal(size=(16, 4)).astype("float32"), rng.integers(0, 3, 16).astype("int32"))
 sums = loop.steps.train(batch, np.zeros(2, np.float32))
 loop.sync_model()
-steps = [np.abs(w.numpy() - b) for w, b in zip(model.trainable_weights, before)]
-print(type(model.optimizer).__name__, sums[2], float(sums[0]), int(model.optimizer.iterations.numpy()),
-      float(np.median(np.concatenate([s.ravel() for s in steps]))))
+steps = [np.abs(keras.ops.convert_to_numpy(w) - b) for w, b in zip(model.trainable_weights, before)]
+scale = float(keras.ops.convert_to_numpy(model.optimizer.dynamic_scale))
+after_first = [keras.ops.convert_to_numpy(w).copy() for w in model.trainable_weights]
+huge = (np.full((16, 4), 1e6, np.float32), batch[1])  # its float16 gradients overflow: the step is skipped
+loop.steps.train(huge, np.zeros(2, np.float32))
+loop.sync_model()
+skipped = all(bool((keras.ops.convert_to_numpy(w) == a).all()) for w, a in zip(model.trainable_weights, after_first))
+print(type(model.optimizer).__name__, sums[2], float(sums[0]), int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
+      float(np.median(np.concatenate([s.ravel() for s in steps]))), scale,
+      float(keras.ops.convert_to_numpy(model.optimizer.dynamic_scale)), skipped)
 """
 
 
@@ -88,12 +106,19 @@ print(type(model.optimizer).__name__, sums[2], float(sums[0]), int(model.optimiz
 def test_a_float16_step_scales_the_loss_and_applies_unscaled_adam_steps(backend):
     result = subprocess.run([sys.executable, "-c", FLOAT16_STEP, backend], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    optimizer, examples, loss_sum, iterations, median_step = result.stdout.split()
-    assert optimizer == "LossScaleOptimizer" and float(examples) == 16 and int(iterations) == 1
+    optimizer, examples, loss_sum, iterations, median_step, scale, scale_after_overflow, skipped = (
+        result.stdout.split()[-8:])
+    assert optimizer == "LossScaleOptimizer" and float(examples) == 16
     assert 0 < float(loss_sum) / 16 < 10  # a finite mean cross-entropy of 3 classes
-    # Adam's first step moves each weight by the learning rate (m / sqrt(v) = sign of the gradient):
-    # a skipped step (overflow) would leave them where they were.
+    # Adam's first step moves a weight by lr * g / (|g| + epsilon / sqrt(1 - beta_2)): the learning
+    # rate while the gradient g dwarfs 3.2e-6. A loss never multiplied by the scale would have its
+    # gradients divided by 2**15 when unscaled, down to that size, and move the median weight about
+    # half as far (tried on both backends); a skipped step would not move them.
     assert float(median_step) == pytest.approx(0.01, rel=0.02)
+    # The scale starts at 2**15 and stays after a finite step; an overflowing step is skipped (the
+    # weights stay, the iteration count does not advance) and halves it.
+    assert float(scale) == 2.0 ** 15 and float(scale_after_overflow) == 2.0 ** 14 and skipped == "True"
+    assert int(iterations) == 1
 
 
 FLOAT16_OVERFLOW_ON_ONE_REPLICA = """

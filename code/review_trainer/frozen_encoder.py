@@ -249,7 +249,7 @@ def _compiled_inference(encoder):
         import jax.numpy as jnp
 
         # The encoder is frozen: its values, taken now, hold for the whole job. Its dropout seeds'
-        # buffers are donated to the training step on an accelerator (training_steps.JaxSteps), so
+        # buffers are donated to the training step (training_steps.JaxSteps), so
         # those few are copied.
         weights = {id(w) for w in encoder.weights}
         state = ([v.value for v in encoder.trainable_variables],

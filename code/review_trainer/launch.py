@@ -9,16 +9,14 @@ import sys
 
 def main():
     from review_trainer import backend, environment
-    from review_trainer.errors import JobError
     from review_trainer.hyperparameters import Hyperparameters
 
     try:
         env = environment.read_environment()
         hp = Hyperparameters.from_dict(env.hyperparameters)
-    except JobError:
-        pass  # the job reports what is wrong with its contract (output/failure)
-    else:
-        backend.select(env, hp.backend, hp.distribution)
+        backend.select(env, hp)
+    except Exception:  # noqa: BLE001 - the job reads the contract again and reports what is wrong in output/failure
+        pass
     from review_trainer import train
 
     return train.main()

@@ -5,11 +5,13 @@ batch 32, 64 tokens) on a 2-core AVX512-BF16/AMX CPU, in samples/s and as a rati
 float32 38.1 (1.00), mixed_bfloat16 57.7 (1.51), mixed_float16 39.0 (1.02), float32 + XLA 39.5
 (1.04), mixed_bfloat16 + XLA 36.4 (0.96). So on such CPUs `mixed_bfloat16` without XLA; CPUs
 without bf16 instructions keep float32.
-- GPU, measured with tests/benchmarks/jax_gpu.py on an H100 (the same model code on the Keras JAX
-  backend: the GPU machines here have no TensorFlow), DistilBERT-base's shape, batch 128, 64
-  tokens, XLA on: float32 5,940 samples/s, mixed_bfloat16 7,389 (1.24x), mixed_float16 8,433
+- GPU, measured with the first tests/benchmarks/jax_gpu.py on an H100 (the same model code on the
+  Keras JAX backend, through Keras's train_on_batch: the GPU machines here have no TensorFlow),
+  DistilBERT-base's shape, batch 128, 64 tokens, XLA on: float32 5,940 samples/s, mixed_bfloat16 7,389 (1.24x), mixed_float16 8,433
   (1.42x); without XLA 137. So `mixed_float16` (Keras adds loss scaling) on cards with tensor
-  cores (compute capability 7.0+), float32 on older ones, and XLA on.
+  cores (compute capability 7.0+), float32 on older ones, and XLA on. Provisional: those figures
+  carry train_on_batch's per-step overhead; tests/benchmarks/gpu.sh measures the product's step.
+- Neuron: bf16 (Trainium's native type), as on a CPU with bf16 instructions (train.py).
 """
 
 import tensorflow as tf

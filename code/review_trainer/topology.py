@@ -59,9 +59,11 @@ class Topology:
         kind, reason = choose(hp.distribution, len(hosts), len(gpus))
         if backend == "jax":
             if kind != NONE:
+                advice = ("Neuron devices train only through JAX: run the job on one instance, or set "
+                          "distribution=none" if env.num_neurons else
+                          "set backend=tensorflow (or auto) to train on all of them, or distribution=none to train on one")
                 raise HyperparameterError(
-                    f"backend=jax trains on one device, but this job would use distribution={kind} ({reason}): "
-                    f"set backend=tensorflow (or auto) to train on all of them, or distribution=none to train on one")
+                    f"backend=jax trains on one device, but this job would use distribution={kind} ({reason}): {advice}")
             tf.config.set_visible_devices([], "GPU")
         if kind == MULTI_WORKER:
             strategy = start_multi_worker(hosts, worker_index, hp.host_wait_seconds, hp.collective_timeout_seconds)

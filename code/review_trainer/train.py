@@ -55,7 +55,8 @@ def run(env, stop_signal):
     # 1. contract, hyperparameters, and the topology (its strategy comes before any other TensorFlow op)
     hp = Hyperparameters.from_dict(env.hyperparameters)
     backend_name, backend_reason = backend.choose(hp.backend, num_hosts=len(env.hosts), num_gpus=env.num_gpus,
-                                                  num_neurons=env.num_neurons, distribution=hp.distribution)
+                                                  num_neurons=env.num_neurons, distribution=hp.distribution,
+                                                  use_xla=hp.use_xla)
     if keras.backend.backend() != backend_name:
         raise HyperparameterError(
             f"backend={backend_name} ({backend_reason}), but Keras was imported with the {keras.backend.backend()} "
@@ -68,7 +69,8 @@ def run(env, stop_signal):
             f"{env.base_dir}/input/data/train (channels present: {', '.join(present) or 'none'})"
         )
     capability = precision.gpu_compute_capability()
-    policy = precision.choose_policy(hp.use_amp, capability, precision.cpu_has_bf16())
+    # Trainium computes in bfloat16 natively: Neuron takes the bf16 path whatever the host CPU has
+    policy = precision.choose_policy(hp.use_amp, capability, precision.cpu_has_bf16() or env.num_neurons > 0)
     jit_compile = precision.choose_jit_compile(hp.use_xla, capability, backend_name)
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(hp.seed)
@@ -197,6 +199,8 @@ def run(env, stop_signal):
         training_seconds = loop.fit(train_batches, start_step=global_step, steps_per_epoch=steps_per_epoch,
                                     epochs=hp.epochs, validation=validation, stop_signal=stop_signal, hooks=hooks,
                                     position=position)
+    if cache:
+        cache.close()  # up to half the memory (bilstm), free again for evaluation and export
     if checkpointer.saves:
         print(f"checkpoints={checkpointer.saves} checkpoint_seconds_total={checkpointer.save_seconds:.2f} "
               f"training_seconds={training_seconds:.1f} "
@@ -319,7 +323,8 @@ def describe_failure(error):
             "(VolumeSizeInGB)"
         )
         return resource.kind, str(resource), resource.exit_code
-    if isinstance(error, MemoryError) or type(error).__name__ == "ResourceExhaustedError":  # TensorFlow's OOM
+    if isinstance(error, MemoryError) or type(error).__name__ == "ResourceExhaustedError" or (  # TensorFlow's OOM
+            type(error).__name__ in ("XlaRuntimeError", "JaxRuntimeError") and "RESOURCE_EXHAUSTED" in str(error)):
         resource = ResourceError(f"out of memory ({type(error).__name__}); lower the batch sizes or "
                                  "max_seq_length, or use a larger instance")
         return resource.kind, str(resource), resource.exit_code

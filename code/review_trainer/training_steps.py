@@ -137,8 +137,9 @@ class JaxSteps:
 
     The training state is three lists of arrays: the trainable variables, the optimizer's, and the
     model's non-trainable variables that change as it trains (the dropout seeds); the others
-    (a frozen encoder's weights) are passed in and never copied out. On an accelerator the step
-    donates the state's buffers to its result, so one copy of the state is in memory.
+    (a frozen encoder's weights) are passed in and never copied out. The step donates the state's
+    buffers to its result, so one copy of the state is in memory; until sync_model, the model's
+    variables hold buffers that are gone, and reading them fails.
     """
 
     def __init__(self, model, head=None):
@@ -152,8 +153,7 @@ class JaxSteps:
         self._fixed = [v for v in model.non_trainable_variables if id(v) in weights]
         self._state = None  # (trainable, changing, optimizer) arrays while training; None: in the variables
         self._fixed_values = None
-        on_accelerator = jax.default_backend() != "cpu"  # XLA on the CPU cannot donate buffers
-        self._train_step = jax.jit(self._train_fn, donate_argnums=(0,) if on_accelerator else ())
+        self._train_step = jax.jit(self._train_fn, donate_argnums=(0,))
         self._eval_step = jax.jit(self._eval_fn)
 
     def train(self, batch, votes):
