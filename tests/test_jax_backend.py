@@ -54,8 +54,8 @@ def test_a_jax_job_trains_checkpoints_and_records_its_backend(uninterrupted):
         assert json.load(f)["backend"] == "jax"
     saved, weights = final_state(base)
     assert saved.global_step == STEPS and saved.fingerprint["backend"] == "jax"
-    # The checkpoint holds the trained state, written back from the jitted step (sync_model):
-    # the optimizer's iteration count, and weights that moved from the pretrained ones.
+    # The checkpoint holds the trained state, written back from the jitted step (sync_model): the
+    # optimizer's iteration count is the job's step count.
     with open(os.path.join(saved.path, checkpointing.MANIFEST_FILE)) as f:
         paths = [path for path, _ in json.load(f)["variables"]]
     assert int(weights[paths.index(next(p for p in paths if p.endswith("iteration")))]) == STEPS

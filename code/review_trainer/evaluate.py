@@ -9,6 +9,7 @@ import json
 import os
 
 import numpy as np
+from review_trainer.training_steps import compiled_inference
 from sklearn import metrics as sk
 
 _BOOTSTRAP_ROUNDS = 200
@@ -16,7 +17,10 @@ _BOOTSTRAP_ROUNDS = 200
 
 def predict(model, dataset):
     """Labels, probabilities and the mean cross-entropy over a (features, label) dataset."""
-    probabilities = _compiled_probabilities(model)
+    import keras
+
+    # Only the chief evaluates, after the other hosts are done: a plain call, outside the strategy.
+    probabilities = compiled_inference(model, lambda logits: keras.ops.softmax(keras.ops.cast(logits, "float32")))
     labels, probs = [], []
     for features, label in dataset.as_numpy_iterator():
         probs.append(np.asarray(probabilities(features)))
@@ -24,24 +28,6 @@ def predict(model, dataset):
     labels, probs = np.concatenate(labels), np.concatenate(probs)
     loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
     return labels, probs, loss
-
-
-def _compiled_probabilities(model):
-    """features -> softmax of the logits, compiled for the backend (a plain call, outside any
-    tf.distribute strategy: only the chief evaluates, after the other hosts are done)."""
-    import keras
-
-    if keras.backend.backend() == "jax":
-        import jax
-
-        state = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
-        # The weights are arguments: closed over, jit would bake them into the program as constants.
-        forward = jax.jit(lambda state, features: jax.nn.softmax(
-            model.stateless_call(*state, features, training=False)[0].astype("float32")))
-        return lambda features: forward(state, features)
-    import tensorflow as tf
-
-    return tf.function(lambda features: tf.nn.softmax(tf.cast(model(features, training=False), tf.float32)))
 
 
 def classification_report(labels, predictions, class_names, seed=0):

@@ -29,6 +29,7 @@ import threading
 
 import numpy as np
 from review_trainer.model import ENCODER_OUTPUT
+from review_trainer.training_steps import compiled_inference
 
 MEMORY_SHARE = 0.5  # of the memory available when training starts
 DISK_SHARE = 0.5  # of the temporary folder's free space
@@ -141,7 +142,7 @@ class EncoderCache:
         self.encoded = self.from_cache = 0  # reviews, since the last epoch line
         self.print_fn = print_fn
         self._lock = threading.Lock()  # tf.data may call the stage from more than one thread
-        self._encode = _compiled_inference(encoder)
+        self._encode = compiled_inference(encoder)  # inference mode: the same outputs as in training
 
     @property
     def per_review_bytes(self):
@@ -221,7 +222,8 @@ class EncoderCache:
             extra = ((0, 0), (0, self.max_seq_length - token_ids.shape[1]))
             token_ids = np.pad(token_ids, extra, constant_values=self.pad_id)
             padding_mask = np.pad(padding_mask, extra)
-        return np.asarray(self._encode(token_ids, padding_mask)).astype(self.store.dtype, copy=False)
+        encoded = self._encode({"token_ids": token_ids, "padding_mask": padding_mask})
+        return np.asarray(encoded).astype(self.store.dtype, copy=False)
 
     def _tell_full(self):
         self.print_fn(f"frozen_encoder_cache full after {self.store.rows} reviews (memory {_size(self.store.memory_bytes)}, "
@@ -238,30 +240,6 @@ class EncoderCache:
 
     def close(self):
         self.store.close()
-
-
-def _compiled_inference(encoder):
-    """(token_ids, padding_mask) -> the encoder's outputs in inference mode, compiled for the backend."""
-    import keras
-
-    if keras.backend.backend() == "jax":
-        import jax
-        import jax.numpy as jnp
-
-        # The encoder is frozen: its values, taken now, hold for the whole job. Its dropout seeds'
-        # buffers are donated to the training step (training_steps.JaxSteps), so
-        # those few are copied.
-        weights = {id(w) for w in encoder.weights}
-        state = ([v.value for v in encoder.trainable_variables],
-                 [v.value if id(v) in weights else jnp.array(v.value, copy=True) for v in encoder.non_trainable_variables])
-        forward = jax.jit(lambda state, token_ids, padding_mask: encoder.stateless_call(
-            *state, {"token_ids": token_ids, "padding_mask": padding_mask}, training=False)[0])
-        return lambda token_ids, padding_mask: forward(state, token_ids, padding_mask)
-    import tensorflow as tf
-
-    return tf.function(
-        lambda token_ids, padding_mask: encoder({"token_ids": token_ids, "padding_mask": padding_mask}, training=False),
-        input_signature=[tf.TensorSpec([None, None], tf.int32)] * 2)
 
 
 def review_key(token_ids, padding_mask):

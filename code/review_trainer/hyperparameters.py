@@ -10,12 +10,13 @@ from __future__ import annotations  # field types stay strings: they select the 
 import dataclasses
 import math
 
+from review_trainer.backend import NAMED as NAMED_BACKENDS
 from review_trainer.errors import HyperparameterError
 
 AUTO = "auto"
 HEADS = ("cls", "bilstm")
 DISTRIBUTIONS = (AUTO, "none", "mirrored", "multi_worker")
-BACKENDS = (AUTO, "tensorflow", "jax")
+BACKENDS = (AUTO, *NAMED_BACKENDS)
 
 
 @dataclasses.dataclass(frozen=True)

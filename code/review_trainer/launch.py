@@ -11,15 +11,15 @@ def main():
     from review_trainer import backend, environment
     from review_trainer.hyperparameters import Hyperparameters
 
+    env = None
     try:
-        env = environment.read_environment()
-        hp = Hyperparameters.from_dict(env.hyperparameters)
-        backend.select(env, hp)
+        env = environment.read_environment()  # sagemaker-training asks nvidia-smi and neuron-ls: once
+        backend.select(env, Hyperparameters.from_dict(env.hyperparameters))
     except Exception:  # noqa: BLE001 - the job reads the contract again and reports what is wrong in output/failure
         pass
     from review_trainer import train
 
-    return train.main()
+    return train.main(env)
 
 
 if __name__ == "__main__":

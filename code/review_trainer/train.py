@@ -293,12 +293,13 @@ def check_pipe_mode(channel, hp, topology, distribution):
             "channel and keeps its share of each batch), or File or FastFile mode")
 
 
-def main():
+def main(env=None):
+    """The job; env: the contract as launch.py read it (None: read it here)."""
     stop_signal = StopSignal()
     stop_signal.install()
     environment.clear_outcome()
     try:
-        run(environment.read_environment(), stop_signal)
+        run(env or environment.read_environment(), stop_signal)
         environment.write_success()
         print("training job succeeded")
         return EXIT_SUCCESS
