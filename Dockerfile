@@ -69,12 +69,19 @@ RUN python3.11 -m venv /opt/venv \
 # - libnvblas (a shim that sends CPU BLAS calls to the GPU) and libcufftw (cuFFT's FFTW interface);
 # - nvvm/lib64/libnvvm.so: XLA (in TensorFlow and in JAX) compiles to PTX with its own LLVM and
 #   needs only nvvm/libdevice and bin/ptxas from the CUDA compiler wheel, which stay;
-# - clang/ (the libclang wheel, 62 MB): TensorFlow declares it, but no module in the image imports it.
+# - clang/ (the libclang wheel, 62 MB): TensorFlow declares it, but no module in the image imports it;
+# - cuDNN's legacy API and precompiled kernels (0.95 GB): with CUDNN_LIB_CONFIG=GRAPH_JIT_ONLY,
+#   NVIDIA's documented reduced configuration, cuDNN needs only libcudnn, libcudnn_graph and its
+#   runtime-compiled engines. Neither model calls anything else: they have no convolution, Keras's
+#   attention takes its einsum path (attention dropout), XLA's cuDNN GEMM fusions are off by
+#   default, and the bilstm head's LSTM then avoids cuDNN (model.py). XLA's cuDNN start-up needs only
+#   the graph library (cudnnCreate, cudnnGetProperty). --build-arg CUDNN_LIB_CONFIG=FULL keeps all.
 # TensorFlow's and JAX's own shared libraries ship with their full symbol tables (about 0.5 GB):
 # `strip --strip-unneeded` keeps the dynamic symbols that loading and linking use, so only the
 # function names in a native crash's stack trace go. NVIDIA's binaries are left as shipped.
 FROM compilers AS packages-gpu
 ARG PIP_CERT
+ARG CUDNN_LIB_CONFIG=GRAPH_JIT_ONLY
 COPY docker/requirements-gpu.lock docker/requirements-nodeps.lock /tmp/locks/
 RUN python3.11 -m venv /opt/venv \
     && pip install --require-hashes -r /tmp/locks/requirements-gpu.lock \
@@ -85,6 +92,11 @@ RUN python3.11 -m venv /opt/venv \
         "$site"/nvidia/cuda_nvrtc/lib/libnvrtc.alt.so.* "$site"/nvidia/cuda_nvrtc/lib/libnvrtc-builtins.alt.so.* \
         "$site"/nvidia/cublas/lib/libnvblas.so.* "$site"/nvidia/cufft/lib/libcufftw.so.* \
         "$site/nvidia/cuda_nvcc/nvvm/lib64" "$site/clang" \
+    && if [ "$CUDNN_LIB_CONFIG" = GRAPH_JIT_ONLY ]; then \
+        rm "$site"/nvidia/cudnn/lib/libcudnn_adv.so.9 "$site"/nvidia/cudnn/lib/libcudnn_cnn.so.9 \
+            "$site"/nvidia/cudnn/lib/libcudnn_ops.so.9 "$site"/nvidia/cudnn/lib/libcudnn_ext.so.9 \
+            "$site"/nvidia/cudnn/lib/libcudnn_heuristic.so.9 "$site"/nvidia/cudnn/lib/libcudnn_engines_precompiled.so.9; \
+    fi \
     && find "$site/tensorflow" "$site/jaxlib" "$site/jax_plugins" "$site/jax_cuda12_plugin" \
         -name '*.so*' -type f -exec strip --strip-unneeded {} +
 
@@ -134,6 +146,9 @@ RUN pip install --no-deps --no-build-isolation /tmp/code && rm -rf /tmp/code
 CMD ["train"]
 
 FROM trainer AS gpu
+ARG CUDNN_LIB_CONFIG=GRAPH_JIT_ONLY
+# Read by cuDNN (which sub-libraries to expect) and by the model (the LSTM's cuDNN kernel needs FULL).
+ENV CUDNN_LIB_CONFIG=${CUDNN_LIB_CONFIG}
 COPY --from=packages-gpu /opt/venv /opt/venv
 COPY code /tmp/code
 RUN pip install --no-deps --no-build-isolation /tmp/code && rm -rf /tmp/code

@@ -3,7 +3,8 @@
     podman run --rm --network none -v "$PWD/docker/check_gpu_image.py:/tmp/check.py:ro" IMAGE python /tmp/check.py
 
 Both backends import; JAX finds its CUDA plugin; every CUDA library that the plugin preloads or that
-TensorFlow's dlopen check needs is in the nvidia wheels and loads (the driver's libcuda.so.1 aside,
+TensorFlow's dlopen check needs is in the nvidia wheels and loads, cuDNN's sub-libraries as its
+CUDNN_LIB_CONFIG says (the driver's libcuda.so.1 aside,
 which the host brings); the plugin's version check passes as far as it goes without a GPU; ptxas
 runs and libdevice is there; and ldd finds nothing else missing. Exits non-zero on any failure.
 """
@@ -37,10 +38,18 @@ print("jax plugin:", plugins, plugin._get_library_path())
 NEEDED = {"cuda_runtime": ["libcudart.so.12"], "cuda_nvrtc": ["libnvrtc.so.12", "libnvrtc-builtins.so.12.9"],
           "cublas": ["libcublas.so.12", "libcublasLt.so.12"], "nccl": ["libnccl.so.2"],
           "cuda_cupti": ["libcupti.so.12"], "cusparse": ["libcusparse.so.12"], "cusolver": ["libcusolver.so.11"],
-          "cufft": ["libcufft.so.11"], "nvjitlink": ["libnvJitLink.so.12"],
-          "cudnn": ["libcudnn.so.9", "libcudnn_graph.so.9", "libcudnn_engines_precompiled.so.9",
-                    "libcudnn_engines_runtime_compiled.so.9", "libcudnn_heuristic.so.9", "libcudnn_ops.so.9",
-                    "libcudnn_cnn.so.9", "libcudnn_adv.so.9"]}
+          "cufft": ["libcufft.so.11"], "nvjitlink": ["libnvJitLink.so.12"]}
+# cuDNN in NVIDIA's reduced configuration (Dockerfile) keeps the graph API and its runtime-compiled
+# engines; FULL keeps the legacy API (ops, cnn, adv) and the precompiled kernels as well.
+CUDNN_JIT = ["libcudnn.so.9", "libcudnn_graph.so.9", "libcudnn_engines_runtime_compiled.so.9",
+             "libcudnn_engines_tensor_ir.so.9"]
+CUDNN_REST = ["libcudnn_engines_precompiled.so.9", "libcudnn_heuristic.so.9", "libcudnn_ops.so.9",
+              "libcudnn_cnn.so.9", "libcudnn_adv.so.9", "libcudnn_ext.so.9"]
+cudnn_config = os.environ.get("CUDNN_LIB_CONFIG", "FULL")
+NEEDED["cudnn"] = CUDNN_JIT + (CUDNN_REST if cudnn_config == "FULL" else [])
+absent = [lib for lib in CUDNN_REST if not os.path.exists(os.path.join(site, "nvidia", "cudnn", "lib", lib))]
+assert absent == ([] if cudnn_config == "FULL" else CUDNN_REST), (cudnn_config, absent)
+print(f"cudnn: CUDNN_LIB_CONFIG={cudnn_config}, left out: {absent or 'nothing'}")
 loaded, need_driver = [], []
 for package, libs in NEEDED.items():
     for lib in libs:

@@ -19,6 +19,21 @@ def test_classifier_outputs_float32_logits_for_each_head_and_backbone(request, c
         assert [layer.name for layer in model.layers[-5:]] == ["bilstm", "max_pool", "hidden", "hidden_dropout", "logits"]
 
 
+@pytest.mark.parametrize("cudnn_lib_config,use_cudnn", [(None, "auto"), ("FULL", "auto"), ("GRAPH_JIT_ONLY", False)])
+def test_bilstm_keeps_off_cudnn_where_the_image_has_no_legacy_rnn_api(monkeypatch, distilbert_dir, cudnn_lib_config,
+                                                                     use_cudnn):
+    # The GPU image sets CUDNN_LIB_CONFIG=GRAPH_JIT_ONLY and leaves out libcudnn_adv (cudnnRNNForward):
+    # TensorFlow's cuDNN LSTM kernel would fail there on a GPU, so both directions must take Keras's loop.
+    if cudnn_lib_config is None:
+        monkeypatch.delenv("CUDNN_LIB_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("CUDNN_LIB_CONFIG", cudnn_lib_config)
+    model = build_classifier(load_backbone(open_checkpoint(distilbert_dir)), num_classes=5, max_seq_length=8,
+                             head="bilstm")
+    bilstm = model.get_layer("bilstm")
+    assert [bilstm.forward_layer.use_cudnn, bilstm.backward_layer.use_cudnn] == [use_cudnn, use_cudnn]
+
+
 def test_logits_stay_float32_under_mixed_precision(distilbert_dir):
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:

@@ -16,6 +16,7 @@ outputs can be computed once and kept.
 """
 
 import dataclasses
+import os
 
 import keras
 from review_trainer.hyperparameters import HEADS
@@ -84,7 +85,8 @@ def build_classifier_parts(backbone, num_classes, max_seq_length, head="cls", dr
         if isinstance(encoded, dict):  # the pooler is unused: keep it out of the optimizer
             backbone.get_layer("pooled_dense").trainable = False
         encoder_output = sequence
-        layers = [keras.layers.Bidirectional(keras.layers.LSTM(50, return_sequences=True), name="bilstm"),
+        layers = [keras.layers.Bidirectional(keras.layers.LSTM(50, return_sequences=True, use_cudnn=lstm_use_cudnn()),
+                                             name="bilstm"),
                   keras.layers.GlobalMaxPooling1D(name="max_pool"),
                   keras.layers.Dense(50, activation="relu", name="hidden"),
                   keras.layers.Dropout(0.2, name="hidden_dropout")]
@@ -101,3 +103,10 @@ def build_classifier_parts(backbone, num_classes, max_seq_length, head="cls", dr
     head_input = keras.Input(encoder_output.shape[1:], dtype=encoder_output.dtype, name=ENCODER_OUTPUT)
     head_model = keras.Model({ENCODER_OUTPUT: head_input}, apply_head(head_input), name="review_head")
     return Classifier(model, encoder, head_model, frozen)
+
+
+def lstm_use_cudnn() -> bool | str:
+    """Keras's LSTM may take cuDNN's kernel (TensorFlow on a GPU) unless cuDNN is in its reduced
+    configuration, as in the GPU image (CUDNN_LIB_CONFIG=GRAPH_JIT_ONLY, Dockerfile): that has no
+    legacy RNN API, so the LSTM runs Keras's own loop instead. Keras's JAX LSTM never uses cuDNN."""
+    return False if os.environ.get("CUDNN_LIB_CONFIG") == "GRAPH_JIT_ONLY" else "auto"
