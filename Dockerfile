@@ -73,9 +73,10 @@ RUN python3.11 -m venv /opt/venv \
 # - cuDNN's legacy API and precompiled kernels (0.95 GB): with CUDNN_LIB_CONFIG=GRAPH_JIT_ONLY,
 #   NVIDIA's documented reduced configuration, cuDNN needs only libcudnn, libcudnn_graph and its
 #   runtime-compiled engines. Neither model calls anything else: they have no convolution, Keras's
-#   attention takes its einsum path (attention dropout), XLA's cuDNN GEMM fusions are off by
-#   default, and the bilstm head's LSTM then avoids cuDNN (model.py). XLA's cuDNN start-up needs only
-#   the graph library (cudnnCreate, cudnnGetProperty). --build-arg CUDNN_LIB_CONFIG=FULL keeps all.
+#   attention takes its einsum path (the checkpoints' attention dropout), XLA's cuDNN GEMM fusions
+#   are off by default, and the bilstm head's LSTM then avoids cuDNN's RNN kernel on both backends
+#   (model.py). XLA's cuDNN start-up needs only the graph library (cudnnCreate, cudnnGetProperty).
+#   NVIDIA supports this configuration from Ampere on. --build-arg CUDNN_LIB_CONFIG=FULL keeps all.
 # TensorFlow's and JAX's own shared libraries ship with their full symbol tables (about 0.5 GB):
 # `strip --strip-unneeded` keeps the dynamic symbols that loading and linking use, so only the
 # function names in a native crash's stack trace go. NVIDIA's binaries are left as shipped.

@@ -1,3 +1,5 @@
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -23,7 +25,7 @@ def test_classifier_outputs_float32_logits_for_each_head_and_backbone(request, c
 def test_bilstm_keeps_off_cudnn_where_the_image_has_no_legacy_rnn_api(monkeypatch, distilbert_dir, cudnn_lib_config,
                                                                      use_cudnn):
     # The GPU image sets CUDNN_LIB_CONFIG=GRAPH_JIT_ONLY and leaves out libcudnn_adv (cudnnRNNForward):
-    # TensorFlow's cuDNN LSTM kernel would fail there on a GPU, so both directions must take Keras's loop.
+    # a cuDNN LSTM would fail there on a GPU, so both directions must take Keras's loop.
     if cudnn_lib_config is None:
         monkeypatch.delenv("CUDNN_LIB_CONFIG", raising=False)
     else:
@@ -32,6 +34,51 @@ def test_bilstm_keeps_off_cudnn_where_the_image_has_no_legacy_rnn_api(monkeypatc
                              head="bilstm")
     bilstm = model.get_layer("bilstm")
     assert [bilstm.forward_layer.use_cudnn, bilstm.backward_layer.use_cudnn] == [use_cudnn, use_cudnn]
+
+
+CUDNN_LSTM_REACHED = """
+import os, sys
+os.environ["KERAS_BACKEND"] = sys.argv[1]
+import keras, numpy as np
+from review_trainer.model import lstm_use_cudnn
+# As if on a GPU, with cuDNN's RNN kernel replaced by a tripwire: a layer that would call it fails.
+import importlib
+rnn = importlib.import_module(f"keras.src.backend.{sys.argv[1]}.rnn")  # the module (the package exports a function `rnn`)
+class Reached(Exception):  # not an error Keras takes for "no cuDNN here" and falls back from
+    pass
+def tripwire(*args, **kwargs):
+    raise Reached("cuDNN LSTM reached")
+if sys.argv[1] == "jax":
+    import jax.experimental.rnn
+    jax.experimental.rnn.lstm = tripwire
+else:
+    rnn._cudnn_lstm = tripwire
+rnn._is_gpu_available = lambda: True
+layer = keras.layers.Bidirectional(keras.layers.LSTM(4, return_sequences=True, use_cudnn=lstm_use_cudnn()))
+try:
+    layer(np.ones((2, 3, 5), np.float32))
+    print("generic loop")
+except Exception as error:  # Keras adds the layer's call arguments to the message
+    print("cuDNN LSTM reached" if "cuDNN LSTM reached" in str(error) else repr(error)[:300])
+"""
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_the_lstm_takes_keras_loop_on_a_gpu_with_the_reduced_cudnn(backend):
+    # Keras sends a GPU LSTM to cuDNN's legacy RNN API on both backends (TensorFlow's CudnnRNN,
+    # jax.experimental.rnn): the reduced configuration has no libcudnn_adv, so it must not go there.
+    import subprocess
+    import sys
+
+    results = {}
+    for config in ("GRAPH_JIT_ONLY", "FULL"):
+        env = dict(os.environ, CUDNN_LIB_CONFIG=config)
+        run = subprocess.run([sys.executable, "-c", CUDNN_LSTM_REACHED, backend], env=env, capture_output=True,
+                             text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        results[config] = run.stdout.strip().splitlines()[-1]
+    # FULL reaching the tripwire shows the tripwire sits where Keras calls cuDNN
+    assert results == {"GRAPH_JIT_ONLY": "generic loop", "FULL": "cuDNN LSTM reached"}
 
 
 def test_logits_stay_float32_under_mixed_precision(distilbert_dir):

@@ -106,7 +106,7 @@ def build_classifier_parts(backbone, num_classes, max_seq_length, head="cls", dr
 
 
 def lstm_use_cudnn() -> bool | str:
-    """Keras's LSTM may take cuDNN's kernel (TensorFlow on a GPU) unless cuDNN is in its reduced
-    configuration, as in the GPU image (CUDNN_LIB_CONFIG=GRAPH_JIT_ONLY, Dockerfile): that has no
-    legacy RNN API, so the LSTM runs Keras's own loop instead. Keras's JAX LSTM never uses cuDNN."""
+    """Keras's LSTM takes cuDNN's RNN kernel on a GPU (TensorFlow's CudnnRNN, jax.experimental.rnn)
+    unless cuDNN is in its reduced configuration, as in the GPU image (CUDNN_LIB_CONFIG=GRAPH_JIT_ONLY,
+    Dockerfile): that has no legacy RNN API, so the LSTM runs Keras's own loop instead."""
     return False if os.environ.get("CUDNN_LIB_CONFIG") == "GRAPH_JIT_ONLY" else "auto"

@@ -6,7 +6,8 @@
 #   make gpu-wheels                      # here: build/gpu-wheels (Python 3.12 wheels)
 #   device run, carry ["build/gpu-wheels"]: sh tests/benchmarks/gpu.sh
 #
-# Figures go to $OUT (jax.json, jax512.json, torch.json, jax-cudnn-jit.json, log.txt).
+# Figures go to $OUT (jax.json, jax512.json, torch.json, jax-bilstm.json, jax-cudnn-jit-{cls,bilstm}.json,
+# log.txt).
 set -eu
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -18,19 +19,34 @@ python3 tests/benchmarks/jax_gpu.py --batch-size 512 --policies mixed_bfloat16 -
     | grep -v "^W0000\|^I0000" | tail -4 | tee -a "$OUT/log.txt"
 python3 tests/benchmarks/torch_gpu.py --out "$OUT/torch.json" 2>&1 | tee -a "$OUT/log.txt"
 # The GPU image's cuDNN (CUDNN_LIB_CONFIG=GRAPH_JIT_ONLY, Dockerfile): the product's step again with
-# only the libraries that configuration keeps, from a copy of this machine's nvidia packages (put
-# first on the path, so JAX's plugin preloads cuDNN from there); the step must run and match the
-# full configuration's speed, and the process must map the copy's libcudnn_graph.
+# only the libraries that configuration keeps, from a copy of this machine's nvidia packages put
+# first on the path (JAX's plugin preloads libcudnn.so.9 from there), for both heads (bilstm: the
+# LSTM then avoids cuDNN, model.py), beside bilstm with the full cuDNN (JAX's cuDNN LSTM). Then the
+# runs' own records must show every mapped libcudnn file in the copy and none of the removed ones.
 nvidia_dir=$(python3 -c "import nvidia.cudnn, os; print(os.path.dirname(nvidia.cudnn.__path__[0]))")
 rm -rf /tmp/cudnn-jit && mkdir -p /tmp/cudnn-jit && cp -r "$nvidia_dir" /tmp/cudnn-jit/nvidia
-(cd /tmp/cudnn-jit/nvidia/cudnn/lib && rm -f libcudnn_adv.so.* libcudnn_cnn.so.* libcudnn_ops.so.* \
-    libcudnn_ext.so.* libcudnn_heuristic.so.* libcudnn_engines_precompiled.so.*)
+REMOVED="libcudnn_adv libcudnn_cnn libcudnn_ops libcudnn_ext libcudnn_heuristic libcudnn_engines_precompiled"
+for lib in $REMOVED; do rm -f /tmp/cudnn-jit/nvidia/cudnn/lib/$lib.so.*; done
 ls /tmp/cudnn-jit/nvidia/cudnn/lib | tee -a "$OUT/log.txt"
-CUDNN_LIB_CONFIG=GRAPH_JIT_ONLY PYTHONPATH=/tmp/cudnn-jit:code:tests python3 -c "
-import jax, jax.numpy as jnp
-print(jax.devices(), float(jnp.ones((256, 256)).sum()))
-print([l.split()[-1] for l in open('/proc/self/maps') if 'libcudnn' in l and 'r-xp' in l])
-" 2>&1 | grep -v "^W0000\|^I0000" | tee -a "$OUT/log.txt"
-CUDNN_LIB_CONFIG=GRAPH_JIT_ONLY PYTHONPATH=/tmp/cudnn-jit:code:tests python3 tests/benchmarks/jax_gpu.py \
-    --policies mixed_bfloat16 --out "$OUT/jax-cudnn-jit.json" 2>&1 | grep -v "^W0000\|^I0000" | tail -6 \
-    | tee -a "$OUT/log.txt"
+python3 tests/benchmarks/jax_gpu.py --head bilstm --steps 20 --policies mixed_bfloat16 --out "$OUT/jax-bilstm.json" \
+    2>&1 | grep -v "^W0000\|^I0000" | tail -3 | tee -a "$OUT/log.txt"
+for head in cls bilstm; do
+    CUDNN_LIB_CONFIG=GRAPH_JIT_ONLY PYTHONPATH=/tmp/cudnn-jit:code:tests python3 tests/benchmarks/jax_gpu.py \
+        --head $head --steps 20 --policies mixed_bfloat16 --out "$OUT/jax-cudnn-jit-$head.json" 2>&1 \
+        | grep -v "^W0000\|^I0000" | tail -4 | tee -a "$OUT/log.txt"
+done
+# (sh has no pipefail: a run that failed wrote no json, which this check reports)
+python3 - "$OUT" $REMOVED <<'CHECK' 2>&1 | tee -a "$OUT/log.txt"
+import json, os, sys
+out, removed = sys.argv[1], sys.argv[2:]
+for head in ("cls", "bilstm"):
+    path = os.path.join(out, f"jax-cudnn-jit-{head}.json")
+    if not os.path.exists(path):
+        print(f"reduced cuDNN, {head}: FAILED (no {path})")
+        continue
+    mapped = json.load(open(path))["cudnn_libraries"]
+    outside = [m for m in mapped if not m.startswith("/tmp/cudnn-jit/")]
+    loaded_removed = [m for m in mapped if any(os.path.basename(m).startswith(r + ".") for r in removed)]
+    ok = mapped and not outside and not loaded_removed
+    print(f"reduced cuDNN, {head}: {'ok' if ok else 'FAILED'}; mapped {mapped}")
+CHECK

@@ -42,10 +42,13 @@ POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 NO_VOTES = np.zeros(2, np.float32)
 
 
+HEAD = "cls"  # --head
+
+
 def build(folder, policy, length):
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(0)
-    model = build_classifier(load_backbone(open_checkpoint(folder)), 5, length)
+    model = build_classifier(load_backbone(open_checkpoint(folder)), 5, length, head=HEAD)
     model.compile(optimizer=keras.optimizers.Adam(5e-5, epsilon=1e-8),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
     model.optimizer.build(model.trainable_variables)
@@ -130,9 +133,13 @@ def main():
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated Keras dtype policies")
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="the card's dense bf16 peak")
+    parser.add_argument("--head", default="cls", help="the classifier head: cls or bilstm")
     parser.add_argument("--out")
     args = parser.parse_args()
     import jax
+
+    global HEAD
+    HEAD = args.head
 
     folder = tempfile.mkdtemp(prefix="distilbert-shape-")
     if args.small:
@@ -144,7 +151,7 @@ def main():
     batch_size = args.batch_size or batch_size
     x, y = batch(batch_size, length, vocab)
     results = {"devices": [str(d) for d in jax.devices()], "keras": keras.__version__, "jax": jax.__version__,
-               "batch_size": batch_size, "length": length, "samples_per_second": {}}
+               "head": args.head, "batch_size": batch_size, "length": length, "samples_per_second": {}}
     bound = None
     for policy in args.policies.split(","):
         speeds = {
@@ -161,6 +168,10 @@ def main():
                   f"train_on_batch, {speed / bound:.1%} of the {args.peak_tflops:g} TFLOP/s bound", flush=True)
     results["checkpoint"] = checkpoint_round_trip(folder, length, x, y)
     print(json.dumps(results["checkpoint"]))
+    # Which cuDNN files this process mapped (gpu.sh checks the reduced configuration's run with it)
+    with open("/proc/self/maps") as maps:
+        results["cudnn_libraries"] = sorted({line.split()[-1] for line in maps if "libcudnn" in line})
+    print("cudnn libraries mapped:", results["cudnn_libraries"])
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
