@@ -14,8 +14,11 @@ SAMPLE := build/sample
 # and v2 and v3 are the same package. tests/test_sagemaker_local.py runs examples/sagemaker_local_v2.py.
 SAGEMAKER_V2 := .venv-sagemaker-v2
 SAGEMAKER_V3 := .venv-sagemaker-v3
+# smdebug (SageMaker Debugger's reader) in its own venv, never in the image: it pins protobuf<=3.20.3
+# and needs numpy<2. tests/test_debugger_tensors.py reads with it what review_trainer/debugger_tensors.py writes.
+SMDEBUG := .venv-smdebug
 
-.PHONY: sample test benchmark benchmark-speed benchmark-frozen gpu-wheels lock clean sagemaker-v2 sagemaker-v3
+.PHONY: sample test benchmark benchmark-speed benchmark-telemetry benchmark-frozen gpu-wheels lock clean sagemaker-v2 sagemaker-v3 smdebug
 
 $(VENV)/.installed: docker/requirements.lock docker/requirements-nodeps.lock docker/requirements-dev.lock code/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +37,7 @@ sample: $(VENV)/.installed
 	SAGEMAKER_BASE_DIR=$(SAMPLE) PRETRAINED_MODEL_DIR=$(PRETRAINED) $(VENV)/bin/train
 	@echo "model: $(SAMPLE)/model  evaluation: $(SAMPLE)/output/data/evaluation.json"
 
-test: $(VENV)/.installed $(SAGEMAKER_V2)/.installed
+test: $(VENV)/.installed $(SAGEMAKER_V2)/.installed $(SMDEBUG)/.installed
 	$(VENV)/bin/pytest --durations=8
 
 $(SAGEMAKER_V2)/.installed $(SAGEMAKER_V3)/.installed: .venv-sagemaker-%/.installed: docker/requirements-sagemaker-%.lock
@@ -45,6 +48,15 @@ $(SAGEMAKER_V2)/.installed $(SAGEMAKER_V3)/.installed: .venv-sagemaker-%/.instal
 sagemaker-v2: $(SAGEMAKER_V2)/.installed
 sagemaker-v3: $(SAGEMAKER_V3)/.installed
 
+# smdebug 1.0.34 names Python 3.6 to 3.10; its reader runs on 3.11 (protobuf 3.20.3 in pure Python).
+# pyinstrument-cext, which it requires, has no wheel for 3.11: pip builds it (a C compiler).
+$(SMDEBUG)/.installed: docker/requirements-smdebug.lock
+	rm -rf $(@D) && $(PYTHON) -m venv $(@D)
+	$(@D)/bin/python -m pip install --no-cache-dir --disable-pip-version-check --require-hashes -r $<
+	touch $@
+
+smdebug: $(SMDEBUG)/.installed
+
 # Fine-tunes all-MiniLM-L6-v2 on ../shared/data/movie5 through the real `train` entry.
 benchmark: $(VENV)/.installed
 	$(PY) tests/benchmarks/movie5.py --data ../shared/data/movie5 --pretrained $(PRETRAINED)
@@ -54,6 +66,9 @@ benchmark-speed: $(VENV)/.installed
 	$(PY) tests/benchmarks/speed.py --data ../shared/data/movie5 --pretrained $(PRETRAINED) $(if $(ROWS),--rows $(ROWS))
 
 # The frozen encoder's cache: epoch samples/s and test accuracy with and without it, both heads (ROWS=N: the first N sentences).
+benchmark-telemetry: $(VENV)/.installed
+	$(PY) tests/benchmarks/telemetry.py --data ../shared/data/movie5 --pretrained $(PRETRAINED) $(if $(ROWS),--rows $(ROWS))
+
 benchmark-frozen: $(VENV)/.installed
 	$(PY) tests/benchmarks/frozen_cache.py --data ../shared/data/movie5 --pretrained $(PRETRAINED) $(if $(ROWS),--rows $(ROWS))
 
@@ -82,6 +97,7 @@ lock:
 	cd docker && $(UV_COMPILE) -c requirements.lock requirements-dev.in -o requirements-dev.lock
 	cd docker && $(UV_COMPILE) --generate-hashes requirements-sagemaker-v2.in -o requirements-sagemaker-v2.lock
 	cd docker && $(UV_COMPILE) --generate-hashes requirements-sagemaker-v3.in -o requirements-sagemaker-v3.lock
+	cd docker && $(UV_COMPILE) --generate-hashes requirements-smdebug.in -o requirements-smdebug.lock
 
 clean:
-	rm -rf build $(VENV) $(SAGEMAKER_V2) $(SAGEMAKER_V3)
+	rm -rf build $(VENV) $(SAGEMAKER_V2) $(SAGEMAKER_V3) $(SMDEBUG)

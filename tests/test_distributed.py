@@ -270,6 +270,23 @@ def test_sigterm_to_one_host_stops_both_after_the_same_step_and_the_rerun_resume
     assert_same_weights(bases["algo-1"], two_host_run[0]["algo-1"])
 
 
+def test_a_rule_stops_every_host_after_the_same_step_and_the_chief_exports(tmp_path, two_hosts, deterministic_dir):
+    # Every host evaluates the rules on the same job-wide sums of each step: no message is needed for
+    # all of them to stop after the same one. A learning rate this high makes the loss rise.
+    bases = two_host_bases(str(tmp_path), {"learning_rate": "0.9", "rule_loss_not_decreasing": "stop",
+                                           "loss_not_decreasing_num_steps": "2"})
+    results, _ = run_hosts(two_hosts, bases, deterministic_dir)
+    assert [results[host][0] for host in ("algo-1", "algo-2")] == [0, 0], results
+    stops = [re.findall(r"^training stopped by rule loss_not_decreasing after step (\d+):", results[host][1], re.M)
+             for host in ("algo-1", "algo-2")]
+    assert len(stops[0]) == 1 and stops[0] == stops[1] and int(stops[0][0]) < STEPS, stops
+    assert os.path.exists(os.path.join(bases["algo-1"], "model", "tensorflow", "saved_model", "0", "saved_model.pb"))
+    with open(os.path.join(bases["algo-1"], "output", "data", "rules.json")) as f:
+        assert json.load(f)["stopped_by"]["step"] == int(stops[0][0])
+    assert "host algo-2 is done: the chief host algo-1 evaluates and exports" in results["algo-2"][1]
+    assert not os.path.exists(os.path.join(bases["algo-2"], "model", "tensorflow"))
+
+
 def test_a_lost_host_fails_the_other_within_the_bound_naming_it(tmp_path, two_hosts, deterministic_dir):
     # ShardedByS3Key: each host has its own files (60 and 48 rows); an epoch is the steps of the larger.
     trains = {"algo-1": {"a.tsv": amazon_tsv(TRAIN_ROWS[:60])}, "algo-2": {"b.tsv": amazon_tsv(TRAIN_ROWS[60:])}}

@@ -48,6 +48,29 @@ def test_success_leaves_the_model_evaluation_and_success_file(distilbert_job):
         assert json.load(f)["multiclass_classification_metrics"] == evaluation
 
 
+def test_the_profile_report_and_the_rules_record_are_written(distilbert_job):
+    base, result = distilbert_job
+    with open(os.path.join(base, "output", "data", "profile.json")) as f:
+        profile = json.load(f)
+    assert profile["step_count"] == 34 and profile["first_step"] == 1 and profile["first_step_seconds"] > 0
+    seconds = profile["step_seconds"]
+    assert 0 < seconds["p50"] <= seconds["p90"] <= seconds["p99"] <= seconds["max"]
+    assert 0 <= profile["input_wait_share"] < 1 and profile["samples_per_second"] > 0
+    assert profile["sample_count"] >= 1 and profile["sampling_errors"] == 0 and profile["memory_max_used_bytes"] > 0
+    assert "gpus" not in profile  # no GPU here
+    assert profile["epoch_end_steps"] == [17, 34]
+    with open(os.path.join(base, "output", "data", "profile.html")) as f:
+        page = f.read()
+    assert page.count("data:image/png;base64,") >= 2 and "http://" not in page and "https://" not in page
+    assert re.search(r"^profile step_count=34 ", result.stdout, re.M)
+    with open(os.path.join(base, "output", "data", "rules.json")) as f:
+        record = json.load(f)
+    assert record["stopped_by"] is None and record["exported"] is None
+    assert {r["rule"]: r["action"] for r in record["rules"]} == {
+        "loss_not_decreasing": "log", "overtraining": "log", "early_stopping": "off", "exploding_gradient": "log",
+        "vanishing_gradient": "log", "class_imbalance": "log", "non_finite_loss": "stop"}
+
+
 def test_manifest_records_hyperparameters_data_files_and_versions(distilbert_job):
     base, _ = distilbert_job
     with open(os.path.join(base, "model", "manifest.json")) as f:
@@ -68,6 +91,17 @@ def test_log_has_anchored_metric_lines_per_epoch_and_sample_predictions(distilbe
     assert epoch_lines[-1].startswith("epoch=2 step=34 ")  # 2 epochs of 136 / 8 steps: no epoch ran dry
     assert "ran out of data" not in result.stderr
     assert len(re.findall(r"^epoch=\d+ step=\d+ running_train_loss=", result.stdout, re.M)) >= 4
+    # Progress every log_every_n_steps=2 steps: speed, step time, gradient norm, ETAs (17 steps an epoch, 34 in all)
+    progress = re.findall(r"^epoch=(\d) step=(\d+) running_train_loss=\S+ running_train_accuracy=\S+ "
+                          r"running_samples_per_second=(\d+) step_seconds=(\S+) gradient_norm=(\S+) "
+                          r"epoch_eta_seconds=(\d+) job_eta_seconds=(\d+)$", result.stdout, re.M)
+    assert [int(p[1]) for p in progress] == list(range(2, 35, 2))
+    for epoch, step, samples_per_second, step_seconds, gradient_norm, epoch_eta, job_eta in progress:
+        step, step_seconds = int(step), float(step_seconds)
+        assert float(gradient_norm) > 0 and step_seconds > 0
+        assert int(samples_per_second) == pytest.approx(8 / step_seconds, rel=0.01, abs=1)  # 8 reviews a step
+        assert int(epoch_eta) == pytest.approx((int(epoch) * 17 - step) * step_seconds, abs=1)
+        assert int(job_eta) == pytest.approx((34 - step) * step_seconds, abs=1)
     for text in ("This is great!", "This is OK.", "This is terrible."):
         assert re.search(rf"sample_prediction label=[1-5] confidence=0\.\d+ text='{re.escape(text)}'", result.stdout)
     assert "channel=test files=1 rows=30 bad_rows=0" in result.stdout
@@ -174,6 +208,18 @@ def test_bert_checkpoint_with_csv_jsonl_parquet_and_tfrecord_channels(tmp_path, 
         for tag, value in zip(("epoch_loss", "epoch_accuracy"), values):
             [scalar] = events.Tensors(tag)
             assert scalar.step == 0 and float(tf.make_ndarray(scalar.tensor_proto)) == pytest.approx(float(value), abs=5e-5)
+    # Every log_every_n_steps=2 steps: the step's own numbers, with the progress line's gradient norm
+    events = EventAccumulator(os.path.join(base, "output", "tensorboard", "train")).Reload()
+    assert {"batch_loss", "batch_accuracy", "gradient_norm", "learning_rate", "samples_per_second"} <= set(
+        events.Tags()["tensors"])
+    assert events.Tags()["graph"]  # the forward pass, on the TensorFlow backend
+    progress = dict(re.findall(r"^epoch=1 step=(\d+) running_train_loss=.* gradient_norm=(\S+)", result.stdout, re.M))
+    norms = {event.step: float(tf.make_ndarray(event.tensor_proto)) for event in events.Tensors("gradient_norm")}
+    assert sorted(norms) == [2, 4, 6] and sorted(map(int, progress)) == [2, 4, 6]
+    for step, norm in norms.items():
+        assert norm == pytest.approx(float(progress[str(step)]), rel=1e-3) and norm > 0
+    assert [float(tf.make_ndarray(e.tensor_proto)) for e in events.Tensors("learning_rate")] == [
+        pytest.approx(0.001)] * 3
     assert os.path.exists(os.path.join(base, "model", "tensorflow", "saved_model", "0", "saved_model.pb"))
 
 

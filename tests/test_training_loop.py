@@ -61,14 +61,14 @@ def test_stop_votes_say_which_signal_this_host_received():
 
     def step_fn(batch, votes):
         seen.append(votes.tolist())
-        return np.concatenate([[2.0, 1.0, 4.0], votes * [1, 1]]).astype(np.float32)
+        return np.concatenate([[2.0, 1.0, 4.0, 9.0], votes * [1, 1]]).astype(np.float32)
 
     stop_signal = StopSignal()
-    assert loop._step(step_fn, iter([None]), stop_signal, "a step")[1] is None
+    assert loop._step(step_fn, iter([None]), stop_signal, "a step")[2] is None
     stop_signal.received = "SIGINT"
-    totals, reason = loop._step(step_fn, iter([None]), stop_signal, "a step")
+    totals, gradient_norm, reason = loop._step(step_fn, iter([None]), stop_signal, "a step")
     assert seen == [[0.0, 0.0], [0.0, 1.0]] and reason == "SIGINT"
-    assert (totals.loss, totals.accuracy) == (0.5, 0.25)
+    assert (totals.loss, totals.accuracy, gradient_norm) == (0.5, 0.25, 3.0)  # the norm: the root of the sum
 
 
 FLOAT16_STEP = """

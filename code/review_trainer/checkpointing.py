@@ -301,7 +301,7 @@ class Checkpointer:
     def on_epoch_begin(self, epoch):
         self._last_step_end = None  # validation time is not step time
 
-    def on_step_end(self, step, running=None):
+    def on_step_end(self, step, running=None, result=None):
         now = time.perf_counter()
         if self._last_step_end is not None:
             self._step_seconds.append(now - self._last_step_end)

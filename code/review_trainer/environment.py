@@ -8,6 +8,9 @@ Nothing else in the package reads `/opt/ml` paths or `SM_*` variables. The layou
     ├── input/config/inputdataconfig.json   the channels
     ├── input/config/checkpointconfig.json  LocalPath of checkpoints (optional)
     ├── input/config/tensorboardoutputconfig.json  LocalPath of TensorBoard logs (optional)
+    ├── input/config/debughookconfig.json   Debugger: where and how often to save tensors (optional;
+    │                                       the Estimator's debugger_hook_config or built-in rules)
+    ├── input/config/profilerconfig.json    Debugger's profiler: its sampling interval (optional)
     ├── input/data/<channel>/...            the channel's files (TrainingInputMode File or FastFile)
     ├── input/data/<channel>_<pass>         Pipe mode: a FIFO per pass over the channel (0, 1, ...)
     ├── model/                              what SageMaker uploads as model.tar.gz
@@ -51,6 +54,8 @@ class TrainingEnvironment:
     checkpoint_dir: str
     checkpoint_config_present: bool
     tensorboard_dir: str
+    debug_hook_config: dict | None  # debughookconfig.json as written, None without it (debugger_tensors.py)
+    profiler_config: dict | None  # profilerconfig.json as written, None without it (profiler.py)
     image_version: str | None
     default_pretrained_model_dir: str | None
 
@@ -61,6 +66,11 @@ class TrainingEnvironment:
     @property
     def output_data_dir(self):
         return os.path.join(self.base_dir, "output", "data")
+
+    @property
+    def default_tensors_dir(self):
+        """Where Debugger tensors go when debughookconfig.json names no LocalPath (SageMaker's default)."""
+        return os.path.join(self.base_dir, "output", "tensors")
 
 
 def base_dir():
@@ -145,6 +155,11 @@ def read_environment():
     tensorboard_config = _read_json(
         os.path.join(config_dir, "tensorboardoutputconfig.json"), {}, DataError
     )
+    debug_hook_config = _read_json(os.path.join(config_dir, "debughookconfig.json"), None, HyperparameterError)
+    profiler_config = _read_json(os.path.join(config_dir, "profilerconfig.json"), None, HyperparameterError)
+    for name, config in (("debughookconfig.json", debug_hook_config), ("profilerconfig.json", profiler_config)):
+        if config is not None and not isinstance(config, dict):
+            raise HyperparameterError(f"{config_dir}/{name} must hold a JSON object")
     return TrainingEnvironment(
         base_dir=root,
         hyperparameters=hyperparameters,
@@ -163,6 +178,8 @@ def read_environment():
         checkpoint_dir=checkpoint_config.get("LocalPath", os.path.join(root, "checkpoints")),
         checkpoint_config_present=os.path.exists(checkpoint_config_file),
         tensorboard_dir=tensorboard_config.get("LocalPath", os.path.join(root, "output", "tensorboard")),
+        debug_hook_config=debug_hook_config,
+        profiler_config=profiler_config,
         image_version=os.environ.get("IMAGE_VERSION"),
         default_pretrained_model_dir=os.environ.get("PRETRAINED_MODEL_DIR"),
     )

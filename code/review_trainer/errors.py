@@ -58,6 +58,14 @@ class ClusterError(JobError):
     exit_code = 7
 
 
+class TrainingError(JobError):
+    """Training itself broke down: the loss became NaN or infinite, and no finite model was kept to
+    export instead (rules.py)."""
+
+    kind = "TrainingError"
+    exit_code = 8
+
+
 class JobStopped(JobError):
     """SIGTERM (spot interruption, StopTrainingJob, `docker stop`) or SIGINT arrived."""
 

@@ -17,6 +17,10 @@ AUTO = "auto"
 HEADS = ("cls", "bilstm")
 DISTRIBUTIONS = (AUTO, "none", "mirrored", "multi_worker")
 BACKENDS = (AUTO, *NAMED_BACKENDS)
+RULES = ("loss_not_decreasing", "overtraining", "early_stopping", "exploding_gradient", "vanishing_gradient",
+         "class_imbalance")
+RULE_ACTIONS = ("stop", "log", "off")
+EARLY_STOPPING_METRICS = ("val_loss", "val_accuracy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +64,24 @@ class Hyperparameters:
     checkpoint_every_n_steps: int | str = AUTO  # auto: the interval keeps saving under 5% of training time
     keep_checkpoints: int = 2
     resume: bool = True  # false: delete the checkpoints found and start fresh
+    # Debugger rules, evaluated in the job (rules.py): each stop, log or off; a non-finite loss always stops
+    rule_loss_not_decreasing: str = "log"  # the mean loss of the last num_steps steps against the num_steps before
+    loss_not_decreasing_num_steps: int = 10
+    loss_not_decreasing_diff_percent: float = 0.1  # a smaller relative decrease (%) triggers it
+    rule_overtraining: str = "log"  # val_loss rose for `patience` evaluations while train_loss fell
+    overtraining_patience: int = 1
+    rule_early_stopping: str = "off"  # early_stopping_metric did not improve for `patience` evaluations
+    early_stopping_metric: str = "val_loss"  # or val_accuracy
+    early_stopping_patience: int = 2
+    early_stopping_min_delta: float = 0.0
+    rule_exploding_gradient: str = "log"  # the gradient norm above the threshold
+    exploding_gradient_threshold: float = 1000.0
+    rule_vanishing_gradient: str = "log"  # the gradient norm below the threshold
+    vanishing_gradient_threshold: float = 1e-7
+    rule_class_imbalance: str = "log"  # at the scan: most / least frequent training class above the threshold
+    class_imbalance_threshold: float = 10.0
+    # Telemetry: the profile report (profiler.py) and Debugger tensors (debughookconfig.json) are on when asked for
+    enable_profiler: bool = True
     # Several devices and hosts (topology.py)
     distribution: str = AUTO  # auto: several hosts -> multi_worker; one host, several GPUs -> mirrored
     scale_learning_rate: bool = False  # multiply learning_rate by the number of replicas
@@ -118,6 +140,22 @@ class Hyperparameters:
             problems.append(f"distribution must be one of {', '.join(DISTRIBUTIONS)}, got {self.distribution!r}")
         if self.backend not in BACKENDS:
             problems.append(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        for name in RULES:
+            action = getattr(self, f"rule_{name}")
+            if action not in RULE_ACTIONS:
+                problems.append(f"rule_{name} must be one of {', '.join(RULE_ACTIONS)}, got {action!r}")
+        for name in ("loss_not_decreasing_num_steps", "overtraining_patience", "early_stopping_patience"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("loss_not_decreasing_diff_percent", "early_stopping_min_delta", "exploding_gradient_threshold",
+                     "vanishing_gradient_threshold"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.class_imbalance_threshold < 1:
+            problems.append(f"class_imbalance_threshold must be at least 1 (a ratio), got {self.class_imbalance_threshold}")
+        if self.early_stopping_metric not in EARLY_STOPPING_METRICS:
+            problems.append(f"early_stopping_metric must be one of {', '.join(EARLY_STOPPING_METRICS)}, "
+                            f"got {self.early_stopping_metric!r}")
         if self.head not in HEADS:
             problems.append(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):

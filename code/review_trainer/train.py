@@ -5,7 +5,9 @@ Read top to bottom, this is the job (the `train` command, launch.py, has chosen 
   2. open the pretrained checkpoint and its tokenizer
   3. scan the channels (formats, bad rows, hashes) and build this worker's streaming datasets
   4. build the classifier in the strategy's scope, resume from the newest checkpoint, and train it
-     in training_loop.py (SIGTERM: every host stops after the same step, the chief checkpoints)
+     in training_loop.py (SIGTERM: every host stops after the same step, the chief checkpoints),
+     watched by the Debugger rules (rules.py: a stop by rule is a result), the profiler, the
+     Debugger tensors and TensorBoard
   5. evaluate on the test channel, print sample predictions
   6. export the SavedModel, tokenizer, label map, PyTorch (transformers) copy, metrics and manifest;
      publish them; success
@@ -24,11 +26,14 @@ from review_trainer import (
     backend,
     checkpointing,
     data,
+    debugger_tensors,
     environment,
     evaluate,
     export,
     frozen_encoder,
     precision,
+    profiler,
+    rules,
     transformers_export,
 )
 from review_trainer.data import sharding
@@ -39,9 +44,10 @@ from review_trainer.errors import (
     HyperparameterError,
     JobError,
     ResourceError,
+    TrainingError,
 )
 from review_trainer.hyperparameters import Hyperparameters
-from review_trainer.metric_log import MetricLogger, TensorBoardLog, format_metrics
+from review_trainer.metric_log import MetricLogger, TensorBoardLog, format_metrics, forward_function
 from review_trainer.model import build_classifier_parts
 from review_trainer.pretrained import ReviewTokenizer, load_backbone, open_checkpoint
 from review_trainer.stopping import StopSignal
@@ -122,6 +128,11 @@ def run(env, stop_signal):
         for line in data.describe(channels[name]):
             print(line)
     topology.barrier("the data scan")
+    job_rules = rules.Rules(hp)
+    if "train" in pipes:
+        print("rule=class_imbalance skipped: the train channel is in Pipe mode, read once and not scanned")
+    else:
+        job_rules.check_class_balance(channels["train"].class_counts, hp.classes)
     if "train" in pipes:  # an epoch is a pass, as long as the FIFO
         train_shard = sharding.for_pipe(topology)
         steps_per_epoch = total_steps = None
@@ -169,9 +180,30 @@ def run(env, stop_signal):
     checkpointer = checkpointing.Checkpointer(store, fingerprint, model, global_step, hp.checkpoint_every_n_steps,
                                               checkpointing_on=checkpointing_on, position=position,
                                               resume_by_position="train" in pipes, sync_model=loop.sync_model)
-    hooks = [MetricLogger(hp.log_every_n_steps), checkpointer]
+    job_rules.watch(model, loop.sync_model, isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer),
+                    keep_best=topology.is_chief)
+    hooks = [MetricLogger(hp.log_every_n_steps, steps_per_epoch, total_steps), checkpointer, job_rules]
+    # Read now: during JAX training the optimizer's variables are donated to the step (training_steps.py)
+    learning_rate_value = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+    tensors = None
+    if env.debug_hook_config is not None and topology.is_chief:  # the Estimator's debugger_hook_config or rules
+        try:
+            config = debugger_tensors.HookConfig.from_json(env.debug_hook_config, env.default_tensors_dir)
+        except (ValueError, TypeError) as error:
+            raise HyperparameterError(f"debughookconfig.json: {error}") from error
+        epochs_done = global_step // steps_per_epoch if steps_per_epoch else (position or {}).get("epochs_done", 0)
+        tensors = debugger_tensors.TensorHook(debugger_tensors.DebuggerTensorWriter(config), learning_rate_value,
+                                              evaluations_done=epochs_done if validation else 0)
+        hooks.append(tensors)
+        print(f"debugger_tensors={config.local_path} collections={','.join(config.collections)} (smdebug's layout)")
+    profile = None
+    if hp.enable_profiler and topology.is_chief:
+        profile = profiler.Profiler(profiler.interval_from_config(env.profiler_config), env.output_data_dir)
+        hooks.append(profile)
     if hp.enable_tensorboard and topology.is_chief:
-        hooks.append(TensorBoardLog(env.tensorboard_dir))
+        hooks.append(TensorBoardLog(env.tensorboard_dir, hp.log_every_n_steps, learning_rate_value,
+                                    graph_of=forward_function(model, hp.max_seq_length)
+                                    if backend_name == "tensorflow" else None))
     # Frozen encoder: its outputs kept from the first epoch on, the head trained on them (frozen_encoder.py)
     cache = None
     if hp.freeze_bert_layer and hp.cache_frozen_encoder:
@@ -195,12 +227,21 @@ def run(env, stop_signal):
     print(f"training: {hp.epochs} epoch(s) of {steps_per_epoch or 'one Pipe-mode pass of'} steps from step {global_step}, "
           f"{model.count_params():,} parameters "
           f"({'encoder frozen, in inference mode (no dropout)' if hp.freeze_bert_layer else 'all trainable'})")
+    if profile:
+        profile.start()
     with stop_signal.deferred():
         training_seconds = loop.fit(train_batches, start_step=global_step, steps_per_epoch=steps_per_epoch,
                                     epochs=hp.epochs, validation=validation, stop_signal=stop_signal, hooks=hooks,
                                     position=position)
+    if profile:
+        profile.close()  # its report covers training: profile.json, profile.html, profile lines
+    if tensors:
+        tensors.close()
     if cache:
         cache.close()  # up to half the memory (bilstm), free again for evaluation and export
+    stopped_by = loop.ended_by
+    if stopped_by:
+        print(f"training stopped by rule {stopped_by.rule} after step {stopped_by.step}: {stopped_by.message}")
     if checkpointer.saves:
         print(f"checkpoints={checkpointer.saves} checkpoint_seconds_total={checkpointer.save_seconds:.2f} "
               f"training_seconds={training_seconds:.1f} "
@@ -209,6 +250,18 @@ def run(env, stop_signal):
     if not topology.is_chief:
         print(f"host {topology.current_host} is done: the chief host {topology.hosts[0]} evaluates and exports")
         return
+    rules_path = os.path.join(env.output_data_dir, "rules.json")
+    exported = None
+    if stopped_by:
+        if stopped_by.rule == rules.NON_FINITE and job_rules.best is None:
+            job_rules.write_report(rules_path)
+            raise TrainingError(
+                f"the loss became NaN or infinite at step {stopped_by.step}, and no finite model was kept to export "
+                "(one is kept at each better validation loss: give the job a validation channel); lower "
+                f"learning_rate (now {learning_rate_value:g}) or check the data; the rules' record is in {rules_path}")
+        exported = job_rules.restore_best()
+        print("exporting the " + (f"best model: step {exported['step']}, val_loss={exported['val_loss']:.4f}"
+                                  if exported["weights"] == "best" else f"last model: step {exported['step']}"))
     model_dir = env.model_dir
     staged = export.start_staging(model_dir)
 
@@ -266,6 +319,8 @@ def run(env, stop_signal):
         "distribution": {"strategy": topology.kind, "workers": topology.num_workers, "replicas": topology.replicas},
         "xla": jit_compile,
         "training_seconds": round(training_seconds, 1),
+        "stopped_by_rule": stopped_by and {"rule": stopped_by.rule, "step": stopped_by.step,
+                                           "message": stopped_by.message, "exported": exported},
         "data": {name: [f.to_dict() for f in channel.files] for name, channel in channels.items()},
         "pipe_mode": {name: {"record_wrapper": pipes[name].record_wrapper, "passes": reader.passes}
                       for name, reader in pipe_readers.items()},
@@ -275,6 +330,7 @@ def run(env, stop_signal):
     }, os.path.join(staged, "manifest.json"))
     if report is not None:
         evaluate.write_report(report, os.path.join(env.output_data_dir, "evaluation.json"))
+    job_rules.write_report(rules_path, exported)
     export.publish(model_dir)
     print(f"model written to {model_dir}")
 

@@ -7,13 +7,17 @@ job's replicas, besides the gradients, a few numbers:
 
     examples   the global batch, by which each replica's loss sum is divided
     loss, correct   for the metric lines, over the whole job
+    gradient norm   for the rules and the tensors (squared, summed as training_steps.py says)
     stop votes      one per stop reason (SIGTERM, SIGINT): a host that received the signal votes, and
                every host sees the same sum, so all stop after the same step
 
-Hooks (metric lines, TensorBoard, checkpoints) are plain objects with any of on_epoch_begin,
-on_step_end, on_epoch_trained (the training pass ended; validation comes next), on_epoch_end and
-on_stop; on_stop returns what became of the progress. A hook that reads the model's variables
-calls `sync_model` first (JAX trains on arrays outside them).
+Hooks (metric lines, rules, tensors, TensorBoard, the profiler, checkpoints) are plain objects with
+any of on_epoch_begin, on_step_end (with the step's StepResult), on_epoch_trained (the training
+pass ended; validation comes next), on_epoch_end and on_stop; on_stop returns what became of the
+progress. on_step_end and on_epoch_end may return an end of the run (a rule's decision: rules.py):
+training ends after that step, and `fit` returns with `ended_by` set. Every host computes the same
+decision from the same job-wide numbers. A hook that reads the model's variables calls
+`sync_model` first (JAX trains on arrays outside them).
 """
 
 import dataclasses
@@ -48,6 +52,20 @@ class Totals:
         return self.correct / self.examples if self.examples else float("nan")
 
 
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    """One training step, as every host sees it (the time fields are this host's own)."""
+
+    step: int
+    epoch: int
+    loss: float  # the mean loss over the step's global batch
+    accuracy: float
+    examples: float
+    gradient_norm: float  # of the mean loss's gradient, unscaled (training_steps.py)
+    seconds: float  # wall time of the step, waiting for its batch included
+    input_seconds: float  # of which waiting for the batch
+
+
 class TrainingLoop:
     def __init__(self, topology, model, *, jit_compile, batch_sizes, backend="tensorflow", head=None):
         """head: the model's head alone, for batches of cached encoder outputs (frozen_encoder.py)."""
@@ -56,14 +74,15 @@ class TrainingLoop:
         self.batch_sizes = batch_sizes  # {"train_batch_size": n, "validation_batch_size": n}: per replica
         self.steps = training_steps.for_backend(backend, topology, model, jit_compile, head)
         self.input_seconds = 0.0  # spent waiting for the next batch (input_wait_share in the epoch line)
+        self.ended_by = None  # what a hook returned to end the run early (a rule's decision), if it did
 
     def sync_model(self):
         """Brings the model's (and optimizer's) variables up to the last step."""
         self.steps.sync_model()
 
     def _step(self, step_fn, iterator, stop_signal, what, batch_size_name="train_batch_size"):
-        """Runs one step; returns (Totals, stop reason or None) as every worker sees them, or
-        (None, None) when a finite dataset (a Pipe-mode pass) has ended."""
+        """Runs one step; returns (Totals, gradient norm, stop reason or None) as every worker sees
+        them, or (None, None, None) when a finite dataset (a Pipe-mode pass) has ended."""
         import tensorflow as tf  # tf.data feeds both backends
 
         votes = np.array([stop_signal.received == reason for reason in STOP_REASONS], np.float32)
@@ -73,7 +92,7 @@ class TrainingLoop:
                 try:
                     batch = next(iterator)
                 except (StopIteration, tf.errors.OutOfRangeError):
-                    return None, None
+                    return None, None, None
                 finally:
                     self.input_seconds += time.perf_counter() - waiting_since
                 sums = step_fn(batch, votes)
@@ -86,8 +105,8 @@ class TrainingLoop:
                 "or max_seq_length, or use an instance with more memory"
             ) from error
         totals = Totals(float(sums[0]), float(sums[1]), float(sums[2]))
-        stop = next((reason for reason, vote in zip(STOP_REASONS, sums[3:]) if vote > 0), None)
-        return totals, stop
+        stop = next((reason for reason, vote in zip(STOP_REASONS, sums[4:]) if vote > 0), None)
+        return totals, float(np.sqrt(sums[3])), stop
 
     # The run
     def fit(self, train_batches, *, start_step, steps_per_epoch, epochs, validation, stop_signal, hooks,
@@ -105,6 +124,9 @@ class TrainingLoop:
         def call(name, *args):
             return [getattr(hook, name)(*args) for hook in hooks if hasattr(hook, name)]
 
+        def ending(results):
+            return next((result for result in results if result is not None), None)
+
         def stop(step, reason):
             stop_signal.agree(reason)
             outcome = "; ".join(call("on_stop", step))
@@ -114,7 +136,7 @@ class TrainingLoop:
         pipe_mode = steps_per_epoch is None
         position = position or {"epochs_done": 0, "epoch_start_step": 0}
         iterator = None if pipe_mode else iter(train_batches)
-        step, training_seconds = start_step, 0.0
+        step, training_seconds, self.ended_by = start_step, 0.0, None
         first_epoch = position["epochs_done"] + 1 if pipe_mode else start_step // steps_per_epoch + 1
         for epoch in range(first_epoch, epochs + 1):
             call("on_epoch_begin", epoch)
@@ -123,16 +145,24 @@ class TrainingLoop:
                 skip = start_step - position["epoch_start_step"] if epoch == first_epoch else 0
                 iterator = iter(train_batches.epoch(epoch, skip_steps=skip))
             while pipe_mode or step < epoch * steps_per_epoch:
-                totals, reason = self._step(self.steps.train, iterator, stop_signal, f"training step {step + 1}")
+                step_started, input_before = time.perf_counter(), self.input_seconds
+                totals, gradient_norm, reason = self._step(self.steps.train, iterator, stop_signal,
+                                                           f"training step {step + 1}")
                 if totals is None:
                     break
                 step += 1
                 running.add(totals)
-                call("on_step_end", step, running)
+                result = StepResult(step, epoch, totals.loss, totals.accuracy, totals.examples, gradient_norm,
+                                    time.perf_counter() - step_started, self.input_seconds - input_before)
+                self.ended_by = ending(call("on_step_end", step, running, result))
                 if reason:
                     stop(step, reason)
+                if self.ended_by:
+                    break
             seconds = time.perf_counter() - started
             training_seconds += seconds
+            if self.ended_by:  # mid-epoch: no validation; the pass is left unfinished
+                break
             if pipe_mode:
                 train_batches.finish()  # raises what went wrong in the pass
             call("on_epoch_trained", epoch, step)
@@ -149,7 +179,9 @@ class TrainingLoop:
                 if pipe_passes:
                     pipe_passes.finish()
                 logs.update(val_loss=evaluated.loss, val_accuracy=evaluated.accuracy)
-            call("on_epoch_end", epoch, step, logs)
+            self.ended_by = ending(call("on_epoch_end", epoch, step, logs))
+            if self.ended_by:
+                break
         self.sync_model()
         return training_seconds
 
@@ -158,7 +190,7 @@ class TrainingLoop:
         iterator = iter(batches)
         evaluated = Totals()
         for _ in range(steps) if steps is not None else iter(int, 1):  # None: to the end of the data
-            totals, reason = self._step(self.steps.evaluate, iterator, stop_signal, what, "validation_batch_size")
+            totals, _, reason = self._step(self.steps.evaluate, iterator, stop_signal, what, "validation_batch_size")
             if totals is None:
                 break
             evaluated.add(totals)

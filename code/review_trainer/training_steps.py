@@ -3,7 +3,13 @@
 The loop (training_loop.py) is the same for both; it calls `train(batch, votes)` and
 `evaluate(batch, votes)`, each returning, summed over the job's replicas,
 
-    [loss_sum, correct, examples, *votes]
+    [loss_sum, correct, examples, gradient_norm_squared, *votes]
+
+gradient_norm_squared (0 in evaluation) is of the gradient of the batch's mean loss, unscaled (a
+float16 loss scale divided out): exact on one replica. With several, each replica's gradient covers
+its own share of the batch; the sum is that of replicas * |replica gradient|^2, whose root is the
+root mean square of the norms each replica would see training alone on its share (equal to the
+exact norm when the replicas' gradients agree), at no extra collective.
 
 TensorFlowSteps runs a step on every replica of the topology's tf.distribute strategy (one device,
 several GPUs or several hosts). JaxSteps runs it on one device, as a pure function of the training
@@ -72,11 +78,13 @@ class TensorFlowSteps:
         context = tf.distribute.get_replica_context()
         examples = tf.cast(tf.shape(labels)[0], tf.float32)
         job_examples = context.all_reduce(tf.distribute.ReduceOp.SUM, examples)
-        gradients, loss_sum, correct = self._forward_backward(features, labels, job_examples)
+        gradients, loss_sum, correct, norm_squared = self._forward_backward(features, labels, job_examples)
         if isinstance(self.model.optimizer, keras.optimizers.LossScaleOptimizer):
             gradients = self._non_finite_everywhere_if_anywhere(gradients, context)
         self.model.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
-        return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat([[loss_sum, correct, examples], votes], 0))
+        norm_squared *= context.num_replicas_in_sync  # see the module's docstring
+        return context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                  tf.concat([[loss_sum, correct, examples, norm_squared], votes], 0))
 
     @staticmethod
     def _non_finite_everywhere_if_anywhere(gradients, context):
@@ -109,7 +117,9 @@ class TensorFlowSteps:
             loss = tf.reduce_sum(per_example) / tf.maximum(job_examples, 1.0)
             scaled = self.model.optimizer.scale_loss(loss)  # float16: the loss scale
         gradients = tape.gradient(scaled, self.model.trainable_variables)
-        return gradients, tf.reduce_sum(per_example), self._correct(logits, labels)
+        scale = tf.cast(self.model.optimizer.scale_loss(tf.constant(1.0)), tf.float32)
+        norm_squared = tf.add_n([_squared_norm_tf(g) for g in gradients if g is not None]) / tf.square(scale)
+        return gradients, tf.reduce_sum(per_example), self._correct(logits, labels), norm_squared
 
     def _eval_replica(self, batch, votes):
         import tensorflow as tf
@@ -117,7 +127,7 @@ class TensorFlowSteps:
         features, labels = batch
         logits = self._classify(features, training=False)
         sums = [tf.reduce_sum(self._loss(labels, logits)), self._correct(logits, labels),
-                tf.cast(tf.shape(labels)[0], tf.float32)]
+                tf.cast(tf.shape(labels)[0], tf.float32), 0.0]
         return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tf.concat([sums, votes], 0))
 
     def _classify(self, features, training):
@@ -214,11 +224,13 @@ class JaxSteps:
             # float16: Keras's LossScaleOptimizer multiplies by its current scale, a variable
             with keras.StatelessScope(state_mapping=list(zip(optimizer.variables, optimizer_values))):
                 scaled = optimizer.scale_loss(loss)
-            return scaled, (updated_changing, jnp.sum(per_example), self._correct(logits, labels))
+                scale = optimizer.scale_loss(jnp.float32(1.0))
+            return scaled, (updated_changing, jnp.sum(per_example), self._correct(logits, labels), scale)
 
-        gradients, (changing, loss_sum, correct) = jax.grad(loss_fn, has_aux=True)(trainable)
+        gradients, (changing, loss_sum, correct, scale) = jax.grad(loss_fn, has_aux=True)(trainable)
+        norm_squared = sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in gradients) / jnp.square(scale)
         trainable, optimizer_values = optimizer.stateless_apply(optimizer_values, gradients, trainable)
-        sums = jnp.concatenate([jnp.stack([loss_sum, correct, jnp.float32(labels.shape[0])]), votes])
+        sums = jnp.concatenate([jnp.stack([loss_sum, correct, jnp.float32(labels.shape[0]), norm_squared]), votes])
         return sums, (trainable, changing, optimizer_values)
 
     def _eval_fn(self, trainable, changing, fixed, features, labels, votes):
@@ -226,7 +238,7 @@ class JaxSteps:
 
         logits, _ = self._stateless_call(trainable, changing, fixed, features, training=False)
         sums = jnp.stack([jnp.sum(self._loss(labels, logits)), self._correct(logits, labels),
-                          jnp.float32(labels.shape[0])])
+                          jnp.float32(labels.shape[0]), jnp.float32(0.0)])
         return jnp.concatenate([sums, votes])
 
     @staticmethod
@@ -259,6 +271,17 @@ def compiled_inference(model, outputs=None):
 
     # Batches come in a few lengths (buckets) and a smaller last one: one trace with unknown dimensions.
     return tf.function(lambda features: outputs(model(features, training=False)), reduce_retracing=True)
+
+
+def _squared_norm_tf(gradient):
+    """|g|^2 in float32; an embedding's sparse gradient has its repeated rows summed first, as the
+    dense gradient would."""
+    import tensorflow as tf
+
+    if isinstance(gradient, tf.IndexedSlices):
+        rows, positions = tf.unique(gradient.indices)
+        gradient = tf.math.unsorted_segment_sum(gradient.values, positions, tf.shape(rows)[0])
+    return tf.reduce_sum(tf.square(tf.cast(gradient, tf.float32)))
 
 
 def _is_cached(features):

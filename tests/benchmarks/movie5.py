@@ -53,14 +53,16 @@ def tfidf_baseline(data_dir):
 
 
 def run_job(data_dir, pretrained, hyperparameters, keep=False, splits=("train", "validation", "test"), rows=None,
-            echo=True):
-    """Runs `train` on the splits as channels (the train split cut to `rows`); returns (log, seconds)."""
+            echo=True, config_files=None):
+    """Runs `train` on the splits as channels (the train split cut to `rows`); returns (log, seconds).
+    config_files: {file name: JSON content} written beside hyperparameters.json."""
     base = tempfile.mkdtemp(prefix="movie5-opt-ml-")
     for split in splits:
         write_split(data_dir, split, os.path.join(base, "input", "data", split), rows if split == "train" else None)
     os.makedirs(os.path.join(base, "input", "config"))
-    with open(os.path.join(base, "input", "config", "hyperparameters.json"), "w") as f:
-        json.dump(hyperparameters, f)
+    for name, content in {"hyperparameters.json": hyperparameters, **(config_files or {})}.items():
+        with open(os.path.join(base, "input", "config", name), "w") as f:
+            json.dump(content, f)
     env = dict(os.environ, SAGEMAKER_BASE_DIR=base, PRETRAINED_MODEL_DIR=os.path.abspath(pretrained),
                TF_CPP_MIN_LOG_LEVEL="2")
     started = time.perf_counter()

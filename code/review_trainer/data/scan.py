@@ -23,12 +23,14 @@ class FileSummary:
     sha256: str = ""
     good_rows: int = 0
     bad_rows: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    class_counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # by class index
 
     def to_dict(self):
         return {
             "path": self.path, "format": self.format, "gzip": self.compressed,
             "size_bytes": self.size_bytes, "sha256": self.sha256,
             "good_rows": self.good_rows, "bad_rows": dict(self.bad_rows),
+            "class_counts": {str(k): v for k, v in sorted(self.class_counts.items())},
         }
 
 
@@ -44,6 +46,10 @@ class ChannelSummary:
     @property
     def bad_rows(self):
         return sum((f.bad_rows for f in self.files), collections.Counter())
+
+    @property
+    def class_counts(self):
+        return sum((f.class_counts for f in self.files), collections.Counter())
 
 
 def list_files(channel_dir):
@@ -70,6 +76,7 @@ def scan_channel(name, channel_dir, spec, max_bad_row_fraction):
                     summary.bad_rows[label] += 1
                 else:
                     summary.good_rows += 1
+                    summary.class_counts[label] += 1
         except (OSError, EOFError, zlib.error, ValueError) as error:  # pyarrow's errors derive from these
             raise DataError(
                 f"{path}: cannot be read after {summary.good_rows + sum(summary.bad_rows.values())} rows "
