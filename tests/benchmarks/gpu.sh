@@ -26,8 +26,8 @@ python3 tests/benchmarks/torch_gpu.py --out "$OUT/torch.json" 2>&1 | tee -a "$OU
 nvidia_dir=$(python3 -c "import nvidia.cudnn, os; print(os.path.dirname(nvidia.cudnn.__path__[0]))")
 rm -rf /tmp/cudnn-jit && mkdir -p /tmp/cudnn-jit && cp -r "$nvidia_dir" /tmp/cudnn-jit/nvidia
 REMOVED="libcudnn_adv libcudnn_cnn libcudnn_ops libcudnn_ext libcudnn_heuristic libcudnn_engines_precompiled"
-for lib in $REMOVED; do rm -f /tmp/cudnn-jit/nvidia/cudnn/lib/$lib.so.*; done
-ls /tmp/cudnn-jit/nvidia/cudnn/lib | tee -a "$OUT/log.txt"
+for lib in $REMOVED; do rm -f /tmp/cudnn-jit/nvidia/cudnn/lib/"$lib".so.*; done
+find /tmp/cudnn-jit/nvidia/cudnn/lib -type f -printf "%f\n" | sort | tee -a "$OUT/log.txt"
 python3 tests/benchmarks/jax_gpu.py --head bilstm --steps 20 --policies mixed_bfloat16 --out "$OUT/jax-bilstm.json" \
     2>&1 | grep -v "^W0000\|^I0000" | tail -3 | tee -a "$OUT/log.txt"
 for head in cls bilstm; do
@@ -36,9 +36,9 @@ for head in cls bilstm; do
         | grep -v "^W0000\|^I0000" | tail -4 | tee -a "$OUT/log.txt"
 done
 # (sh has no pipefail: a run that failed wrote no json, which this check reports)
-python3 - "$OUT" $REMOVED <<'CHECK' 2>&1 | tee -a "$OUT/log.txt"
+python3 - "$OUT" "$REMOVED" <<'CHECK' 2>&1 | tee -a "$OUT/log.txt"
 import json, os, sys
-out, removed = sys.argv[1], sys.argv[2:]
+out, removed = sys.argv[1], sys.argv[2].split()
 for head in ("cls", "bilstm"):
     path = os.path.join(out, f"jax-cudnn-jit-{head}.json")
     if not os.path.exists(path):
