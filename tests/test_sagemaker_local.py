@@ -91,8 +91,10 @@ def test_v2_local_mode_trains_the_image_and_leaves_model_and_output_archives(bui
                  "manifest.json"):
         assert name in model, sorted(model)
     assert not any(name.startswith(".partial") for name in model)
-    # output.tar.gz is its /opt/ml/output: success and the evaluation, nothing else.
-    assert set(output) == {"success", "data/evaluation.json"}, sorted(output)
+    # output.tar.gz is its /opt/ml/output: success, the evaluation, the rules' record and the profile report.
+    assert set(output) == {"success", "data/evaluation.json", "data/rules.json", "data/profile.json",
+                           "data/profile.html"}, sorted(output)
+    assert json.loads(output["data/rules.json"])["stopped_by"] is None
     assert output["data/evaluation.json"] == model["metrics/evaluation.json"]
 
     # The evaluation counts the 20 test rows written above, per star rating.
