@@ -207,8 +207,57 @@ def test_the_jax_step_trains_like_the_tensorflow_step():
     tf_run, jax_run = results["tensorflow"], results["jax"]
     assert jax_run["iterations"] == tf_run["iterations"] == 3
     np.testing.assert_allclose(jax_run["sums"], tf_run["sums"], rtol=1e-5)
-    assert [s[2:] for s in jax_run["sums"]] == [[5, 0, 1], [5, 0, 1], [3, 0, 1]]  # examples, then the votes
+    assert [[s[2], *s[4:]] for s in jax_run["sums"]] == [[5, 0, 1], [5, 0, 1], [3, 0, 1]]  # examples, the votes
+    assert all(s[3] > 0 for s in jax_run["sums"])  # the squared gradient norm (its value: the test below)
     initial = np.random.default_rng(7).normal(0, 0.5, 6 * 8).astype("float32")
     assert not np.allclose(np.ravel(jax_run["weights"][0]), initial)  # it trained
     for got, expected in zip(jax_run["weights"], tf_run["weights"]):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+GRADIENT_NORM = """
+import json, os, sys
+os.environ["KERAS_BACKEND"] = sys.argv[1]
+import keras, numpy as np, tensorflow as tf
+from review_trainer.topology import Topology
+from review_trainer.training_loop import TrainingLoop
+keras.mixed_precision.set_global_policy(sys.argv[2])
+rng = np.random.default_rng(3)
+inputs = keras.Input((5,), dtype="int32", name="token_ids")
+hidden = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(10, 4)(inputs))
+model = keras.Model(inputs, keras.layers.Dense(3, dtype="float32")(keras.layers.Dense(6, activation="tanh")(hidden)))
+model.set_weights([rng.normal(0, 0.5, w.shape).astype("float32") for w in model.get_weights()])
+model.compile(optimizer=keras.optimizers.Adam(learning_rate=0.01))
+model.optimizer.build(model.trainable_variables)
+ids = np.array([[1, 1, 2, 1, 3], [2, 2, 2, 4, 1], [1, 3, 3, 0, 0], [4, 1, 1, 2, 2]], np.int32)  # repeated rows
+labels = np.array([0, 2, 1, 2], np.int32)
+loop = TrainingLoop(Topology(tf.distribute.get_strategy(), "none", "test", ("algo-1",), 0, 1), model,
+                    jit_compile=False, batch_sizes={"train_batch_size": 4}, backend=sys.argv[1])
+sums = loop.steps.train((ids, labels), np.zeros(2, np.float32))
+print(json.dumps({"norm": float(np.sqrt(sums[3]))}))
+"""
+
+
+@pytest.mark.parametrize("backend,policy", [("tensorflow", "float32"), ("tensorflow", "mixed_float16"),
+                                            ("jax", "float32"), ("jax", "mixed_float16")])
+def test_the_gradient_norm_is_that_of_the_mean_loss_unscaled_with_repeated_embedding_rows(backend, policy):
+    """Against plain float32 autodiff in this process: tf.GradientTape on the same weights and batch,
+    the embedding's sparse gradient made dense by TensorFlow (repeated rows summed)."""
+    run = subprocess.run([sys.executable, "-c", GRADIENT_NORM, backend, policy], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    norm = json.loads(run.stdout.strip().splitlines()[-1])["norm"]
+    import keras
+
+    rng = np.random.default_rng(3)
+    weights = [tf.Variable(rng.normal(0, 0.5, shape).astype("float32"))
+               for shape in ((10, 4), (4, 6), (6,), (6, 3), (3,))]
+    ids = np.array([[1, 1, 2, 1, 3], [2, 2, 2, 4, 1], [1, 3, 3, 0, 0], [4, 1, 1, 2, 2]], np.int32)
+    labels = np.array([0, 2, 1, 2], np.int32)
+    with tf.GradientTape() as tape:
+        hidden = tf.reduce_mean(tf.gather(weights[0], ids), axis=1)
+        logits = tf.tanh(hidden @ weights[1] + weights[2]) @ weights[3] + weights[4]
+        loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
+    expected = float(tf.linalg.global_norm([tf.convert_to_tensor(g) for g in tape.gradient(loss, weights)]))
+    assert expected > 0.1
+    # float16 computes in half precision: within its rounding; float32 to float rounding
+    assert norm == pytest.approx(expected, rel=2e-2 if policy == "mixed_float16" else 1e-5)

@@ -306,6 +306,8 @@ class Checkpointer:
         if self._last_step_end is not None:
             self._step_seconds.append(now - self._last_step_end)
         self._last_step_end = now
+        if result is not None and not math.isfinite(result.loss):
+            return  # weights after a non-finite loss are not worth resuming from (rules.py stops the run)
         if self.store is not None and step - self.last_saved_step >= self.interval():
             self._save(step)
 
