@@ -13,6 +13,7 @@ import types
 import psutil
 import pynvml
 import pytest
+from review_trainer import profiler
 from review_trainer.profiler import Profiler, interval_from_config
 
 GIB = 2**30
@@ -284,3 +285,14 @@ def test_a_profile_of_nothing_still_reports(tmp_path):
     assert summary["step_count"] == 0 and summary["sample_count"] == 0 and summary["advice"] == []
     assert lines == ["profile step_count=0 sample_count=0"]
     assert (tmp_path / "out" / "profile.json").exists() and (tmp_path / "out" / "profile.html").exists()
+
+
+def test_a_long_job_keeps_every_other_sample_and_doubles_the_interval(tmp_path, monkeypatch):
+    monkeypatch.setattr(profiler, "MAX_SAMPLES", 8)
+    job = Profiler(0.5, str(tmp_path))
+    job._process = psutil.Process()
+    for _ in range(8):
+        job._sample()
+    assert len(job.samples) == 4 and job.interval_seconds == 1.0
+    stamps = [sample["at"] for sample in job.samples]
+    assert stamps == sorted(stamps)

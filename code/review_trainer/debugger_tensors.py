@@ -57,6 +57,8 @@ class SaveConfig:
     @classmethod
     def from_settings(cls, settings):
         steps = settings.get("save_steps", ())
+        if int(settings.get("save_interval", 500)) < 1:
+            raise ValueError(f"save_interval must be at least 1, got {settings['save_interval']!r}")
         return cls(int(settings.get("save_interval", 500)), int(settings.get("start_step", 0)),
                    None if settings.get("end_step") is None else int(settings["end_step"]),
                    tuple(int(s) for s in (_split(steps) if isinstance(steps, str) else steps)))
@@ -120,6 +122,8 @@ class DebuggerTensorWriter:
         # smdebug's default (include_workers "one"): the chief writes, for a job of one worker.
         self.enabled = config.include_workers == "all" or worker == CHIEF_WORKER
         self._last_global_step = -1
+        if self.enabled and os.path.exists(os.path.join(self.out_dir, "training_job_end.ts")):
+            os.remove(os.path.join(self.out_dir, "training_job_end.ts"))  # an earlier run's: this one has not ended
         if self.enabled:  # now, not at the end: a rule's reader waits for this file before anything
             self._write_collections(config, num_workers if config.include_workers == "all" else 1)
 

@@ -37,6 +37,7 @@ class MetricLogger:
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         self.print_fn = print_fn
         self._seconds = self._examples = 0.0
+        self._steps = 0  # since the last line: fewer than every_n_steps in a resumed job's first interval
 
     def on_epoch_begin(self, epoch):
         self.epoch = epoch
@@ -44,9 +45,10 @@ class MetricLogger:
     def on_step_end(self, step, running, result):
         self._seconds += result.seconds
         self._examples += result.examples
+        self._steps += 1
         if step % self.every_n_steps:
             return
-        step_seconds = self._seconds / self.every_n_steps
+        step_seconds = self._seconds / self._steps
         values = {"epoch": self.epoch, "step": step, "running_train_loss": running.loss,
                   "running_train_accuracy": running.accuracy,
                   "running_samples_per_second": round(self._examples / self._seconds) if self._seconds else 0,
@@ -59,6 +61,7 @@ class MetricLogger:
             values["device_memory_mb"] = round(memory / 2**20)
         self.print_fn(format_metrics(**values))
         self._seconds = self._examples = 0.0
+        self._steps = 0
 
     def on_epoch_end(self, epoch, step, logs):
         values = {"epoch": epoch, "step": step, "train_loss": logs["train_loss"],

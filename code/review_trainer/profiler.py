@@ -46,6 +46,7 @@ IDLE_GPU_PERCENT = 10   # CPUBottleneck.gpu_threshold: ...while a GPU is below 1
 LOW_GPU_P95_PERCENT = 70  # LowGPUUtilization.threshold_p95 (BatchSize.gpu_threshold_p95 alike)
 LISTED_OUTLIERS = 20    # outliers named in the report; step_outlier_count has them all
 KEPT_ERRORS = 5         # sampling error messages kept; sampling_errors counts them all
+MAX_SAMPLES = 20_000    # about 3 hours at 500 ms; then every other one goes and the interval doubles
 PERCENTILES = {"p50": 50, "p90": 90, "p95": 95, "p99": 99}
 GIB = 2**30
 
@@ -124,6 +125,9 @@ class Profiler:
             if self._gpus:
                 sample["gpus"] = [self._read_gpu(handle) for _, handle in self._gpus]
             self.samples.append(sample)
+            if len(self.samples) >= MAX_SAMPLES:  # a long job: half the samples, twice the interval, bounded memory
+                del self.samples[1::2]
+                self.interval_seconds *= 2
         except Exception as error:
             self.error_count += 1
             if len(self.errors) < KEPT_ERRORS:

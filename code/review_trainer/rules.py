@@ -36,6 +36,7 @@ import math
 import os
 
 from review_trainer.errors import DataError
+from review_trainer.hyperparameters import RULES
 
 NON_FINITE = "non_finite_loss"
 MAX_RECORDED = 100  # triggers kept per rule in rules.json; the count is always exact
@@ -60,9 +61,7 @@ class Rules:
         self.model = self.sync_model = None
         self.loss_scaling = False  # float16: a non-finite gradient skips the step, it is not a failure
         self.keep_best = False
-        self.actions = {name: getattr(hp, f"rule_{name}") for name in (
-            "loss_not_decreasing", "overtraining", "early_stopping", "exploding_gradient", "vanishing_gradient",
-            "class_imbalance")}
+        self.actions = {name: getattr(hp, f"rule_{name}") for name in RULES}
         self.actions[NON_FINITE] = "stop"
         self.triggers = {name: [] for name in self.actions}
         self.counts = {name: 0 for name in self.actions}
@@ -77,8 +76,9 @@ class Rules:
         self.loss_scaling, self.keep_best = loss_scaling, keep_best
 
     # Before training
-    def check_class_balance(self, class_counts, classes):
-        """class_counts: training rows per class index, from the scan."""
+    def check_class_balance(self, class_counts, classes, may_stop=True):
+        """class_counts: training rows per class index, from the scan; may_stop False: this host
+        scanned its own shard only (ShardedByS3Key), so the rule logs what it sees and never stops."""
         counts = [class_counts.get(index, 0) for index in range(len(classes))]
         ratio = max(counts) / min(counts) if min(counts) else math.inf
         values = {"counts": dict(zip(classes, counts)), "ratio": ratio,
@@ -88,6 +88,9 @@ class Rules:
             message = (f"the training channel has {counts[most]} rows of class {classes[most]} and {counts[least]} of "
                        f"class {classes[least]}, a ratio of {ratio:.1f} (class_imbalance_threshold="
                        f"{self.hp.class_imbalance_threshold:g})")
+            if not may_stop and self.actions["class_imbalance"] == "stop":
+                self.actions["class_imbalance"] = "log"
+                message += "; this host's shard only (ShardedByS3Key), so logged, not stopped"
             self._trigger("class_imbalance", 0, 0, values, message)
             if self.actions["class_imbalance"] == "stop":
                 raise DataError(f"rule class_imbalance (action stop): {message}; rebalance the data, or set "

@@ -90,6 +90,12 @@ def run(env, stop_signal):
     if topology.idle:
         print(f"host {topology.current_host} stops here: {topology.reason}")
         return
+    hook_config = None  # the Estimator's debugger_hook_config or rules: read on every host, so all fail alike
+    if env.debug_hook_config is not None:
+        try:
+            hook_config = debugger_tensors.HookConfig.from_json(env.debug_hook_config, env.default_tensors_dir)
+        except (ValueError, TypeError, KeyError) as error:
+            raise HyperparameterError(f"debughookconfig.json: {error}") from error
     if topology.is_chief:
         environment.check_writable({"model folder": env.model_dir, "output data folder": env.output_data_dir,
                                     **({"TensorBoard folder": env.tensorboard_dir} if hp.enable_tensorboard else {})})
@@ -132,7 +138,13 @@ def run(env, stop_signal):
     if "train" in pipes:
         print("rule=class_imbalance skipped: the train channel is in Pipe mode, read once and not scanned")
     else:
-        job_rules.check_class_balance(channels["train"].class_counts, hp.classes)
+        # ShardedByS3Key on several hosts: each scanned its own files, so a stop could end some hosts only
+        own_files = topology.num_workers > 1 and env.channel_distribution["train"] == sharding.SHARDED_BY_S3_KEY
+        try:
+            job_rules.check_class_balance(channels["train"].class_counts, hp.classes, may_stop=not own_files)
+        except DataError:
+            job_rules.write_report(os.path.join(env.output_data_dir, "rules.json"))
+            raise
     if "train" in pipes:  # an epoch is a pass, as long as the FIFO
         train_shard = sharding.for_pipe(topology)
         steps_per_epoch = total_steps = None
@@ -186,16 +198,13 @@ def run(env, stop_signal):
     # Read now: during JAX training the optimizer's variables are donated to the step (training_steps.py)
     learning_rate_value = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
     tensors = None
-    if env.debug_hook_config is not None and topology.is_chief:  # the Estimator's debugger_hook_config or rules
-        try:
-            config = debugger_tensors.HookConfig.from_json(env.debug_hook_config, env.default_tensors_dir)
-        except (ValueError, TypeError) as error:
-            raise HyperparameterError(f"debughookconfig.json: {error}") from error
+    if hook_config is not None and topology.is_chief:
         epochs_done = global_step // steps_per_epoch if steps_per_epoch else (position or {}).get("epochs_done", 0)
-        tensors = debugger_tensors.TensorHook(debugger_tensors.DebuggerTensorWriter(config), learning_rate_value,
+        tensors = debugger_tensors.TensorHook(debugger_tensors.DebuggerTensorWriter(hook_config), learning_rate_value,
                                               evaluations_done=epochs_done if validation else 0)
         hooks.append(tensors)
-        print(f"debugger_tensors={config.local_path} collections={','.join(config.collections)} (smdebug's layout)")
+        print(f"debugger_tensors={hook_config.local_path} collections={','.join(hook_config.collections)} "
+              "(smdebug's layout)")
     profile = None
     if hp.enable_profiler and topology.is_chief:
         profile = profiler.Profiler(profiler.interval_from_config(env.profiler_config), env.output_data_dir)
@@ -229,12 +238,14 @@ def run(env, stop_signal):
           f"({'encoder frozen, in inference mode (no dropout)' if hp.freeze_bert_layer else 'all trainable'})")
     if profile:
         profile.start()
-    with stop_signal.deferred():
-        training_seconds = loop.fit(train_batches, start_step=global_step, steps_per_epoch=steps_per_epoch,
-                                    epochs=hp.epochs, validation=validation, stop_signal=stop_signal, hooks=hooks,
-                                    position=position)
-    if profile:
-        profile.close()  # its report covers training: profile.json, profile.html, profile lines
+    try:
+        with stop_signal.deferred():
+            training_seconds = loop.fit(train_batches, start_step=global_step, steps_per_epoch=steps_per_epoch,
+                                        epochs=hp.epochs, validation=validation, stop_signal=stop_signal, hooks=hooks,
+                                        position=position)
+    finally:
+        if profile:  # its report covers training, also one that was stopped or failed
+            profile.close()
     if tensors:
         tensors.close()
     if cache:
