@@ -266,6 +266,37 @@ def test_smdebugs_reader_reads_what_was_written(tmp_path):
         [[g, "TRAIN", s] for s, g in train_global.items()] + [[g, "EVAL", e] for e, g in eval_global.items()])
 
 
+def test_the_tensor_hook_counts_mode_steps_and_one_global_clock_also_after_a_resume(tmp_path):
+    from review_trainer.debugger_tensors import TensorHook
+    from review_trainer.training_loop import StepResult
+
+    config = HookConfig.from_json({"LocalPath": str(tmp_path), "HookParameters": {"save_interval": "1"},
+                                   "CollectionConfigurations": [{"CollectionName": "gradients"}]})
+    written = []
+
+    class Recorder(DebuggerTensorWriter):
+        def write(self, step, values, mode="TRAIN", global_step=None):
+            written.append((mode, step, global_step, sorted(values)))
+            return super().write(step, values, mode, global_step)
+
+    # resumed after 2 epochs of 3 steps, each followed by an evaluation: the next step is step 7
+    hook = TensorHook(Recorder(config), learning_rate=0.01, evaluations_done=2)
+    for step in (7, 8, 9):
+        hook.on_step_end(step, None, StepResult(step, 3, 0.5, 0.5, 8.0, 2.0, 0.1, 0.0))
+    hook.on_epoch_end(3, 9, {"train_loss": 0.5, "val_loss": 0.6, "val_accuracy": 0.4})
+    hook.on_step_end(10, None, StepResult(10, 4, 0.4, 0.5, 8.0, 2.0, 0.1, 0.0))
+    # TRAIN mode step = step - 1; EVAL mode step = evaluations before; global = train steps + evaluations
+    train = ["accuracy", "gradients/global_norm", "learning_rate", "loss"]
+    assert [w[:3] for w in written] == [("TRAIN", 6, 8), ("TRAIN", 7, 9), ("TRAIN", 8, 10), ("EVAL", 2, 11),
+                                        ("TRAIN", 9, 12)]
+    assert written[0][3] == train and written[3][3] == ["accuracy", "loss"]
+
+
+def test_a_save_interval_below_one_is_refused():
+    with pytest.raises(ValueError, match="save_interval must be at least 1"):
+        HookConfig.from_json({"HookParameters": {"save_interval": "0"}})
+
+
 # A whole job, configured by the book's Estimator code
 BOOK_HOOK_CONFIG = """
 import json, sys, boto3, sagemaker

@@ -219,7 +219,8 @@ def test_dockerfile_targets_parse_and_the_neuron_target_keeps_the_base_jax():
     with open(os.path.join(REPO, "docker", "requirements-gpu.lock")) as f:
         gpu_pinned = {line.split("==")[0] for line in f if "==" in line and not line.startswith(" ")}
     assert {"tensorflow", "jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt", "nvidia-cudnn-cu12"} <= gpu_pinned
-    assert not any(name.startswith("nvidia-") and not name.endswith("-cu12") for name in gpu_pinned)  # one CUDA
+    cuda_wheels = {name for name in gpu_pinned if name.startswith("nvidia-") and name != "nvidia-ml-py"}  # NVML's
+    assert cuda_wheels and all(name.endswith("-cu12") for name in cuda_wheels)  # one CUDA, 12
 
 
 def test_without_installed_drops_what_the_python_already_has(tmp_path):

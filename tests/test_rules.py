@@ -5,6 +5,7 @@ on, and a skewed training channel."""
 import json
 import math
 import os
+import re
 import subprocess
 
 import keras
@@ -251,13 +252,27 @@ def nan_env(tmp_path, from_step):
 
 
 def test_a_nan_loss_with_a_kept_model_exports_the_best_one_and_succeeds(tmp_path, distilbert_dir):
-    base, _ = job(tmp_path, {"epochs": "2"})
+    base, _ = job(tmp_path, {"epochs": "2", "enable_checkpointing": "true", "checkpoint_every_n_steps": "1"})
     result = run(base, distilbert_dir, nan_env(tmp_path, 15))  # epoch 1 is steps 1-12
     assert result.returncode == 0, result.stderr[-3000:]
     assert report(base)["stopped_by"]["rule"] == NON_FINITE and report(base)["stopped_by"]["step"] == 15
     assert report(base)["exported"]["weights"] == "best" and report(base)["exported"]["step"] == 12
     assert "exporting the best model: step 12" in result.stdout
-    assert os.path.exists(os.path.join(base, "model", "tensorflow", "saved_model", "0", "saved_model.pb"))
+    # No checkpoint of the NaN step: the newest is the step before it
+    assert sorted(os.listdir(os.path.join(base, "checkpoints")))[-1] == "step-000000014"
+    # The exported model is epoch 1's: its loss on the validation reviews is the val_loss logged then
+    # (the weights had trained 3 more steps by the NaN)
+    import tensorflow as tf
+    from review_trainer.pretrained import ReviewTokenizer, open_checkpoint
+
+    logged = float(re.search(r"^epoch=1 step=12 .* val_loss=(\S+) ", result.stdout, re.M)[1])
+    reviews = make_reviews(24, 3)
+    ids, mask = ReviewTokenizer(open_checkpoint(distilbert_dir), 16)([text for text, _ in reviews])
+    serve = tf.saved_model.load(os.path.join(base, "model", "tensorflow", "saved_model", "0")).signatures[
+        "serving_default"]
+    probabilities = serve(input_ids=tf.constant(ids), input_mask=tf.constant(mask))["probabilities"].numpy()
+    loss = -np.mean(np.log([p[stars - 1] for p, (_, stars) in zip(probabilities, reviews)]))
+    assert loss == pytest.approx(logged, abs=2e-4)
 
 
 def test_a_nan_loss_without_a_kept_model_fails_with_training_error(tmp_path, distilbert_dir):

@@ -185,7 +185,8 @@ def test_bert_checkpoint_with_csv_jsonl_parquet_and_tfrecord_channels(tmp_path, 
         "train": {"a.parquet": (tmp_path / "train.parquet").read_bytes(), "b.tfrecord": records},
         "validation": {"validation.jsonl.gz": gzipped(jsonl.encode())},
         "test": {"test.csv": csv_text.encode()},
-    }, {**FAST_HYPERPARAMETERS, "head": "bilstm", "run_sample_predictions": "false", "enable_tensorboard": "true"})
+    }, {**FAST_HYPERPARAMETERS, "head": "bilstm", "run_sample_predictions": "false", "enable_tensorboard": "true",
+        "checkpoint_every_n_steps": "7"})  # pinned: `auto` depends on measured step and save times
     with open(os.path.join(base, "input", "config", "checkpointconfig.json"), "w") as f:
         json.dump({"LocalPath": os.path.join(base, "spot-checkpoints")}, f)
     result = run_train(base, bert_dir)
