@@ -21,6 +21,24 @@ def _format(value):
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+class Interval:
+    """This host's steps since the last reading: their count, seconds and examples."""
+
+    def __init__(self):
+        self.steps, self.seconds, self.examples = 0, 0.0, 0.0
+
+    def add(self, result):
+        self.steps += 1
+        self.seconds += result.seconds
+        self.examples += result.examples
+
+    def read(self):
+        """(step seconds, samples per second) of the interval, which starts again."""
+        steps, seconds, examples = self.steps, self.seconds, self.examples
+        self.__init__()
+        return seconds / max(steps, 1), examples / seconds if seconds else 0.0
+
+
 class MetricLogger:
     """A training-loop hook: one line per epoch, and a progress line every `every_n_steps` steps,
     for people and for SageMaker. The losses and accuracies are the whole job's (every replica of
@@ -36,22 +54,19 @@ class MetricLogger:
         self.every_n_steps = every_n_steps
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         self.print_fn = print_fn
-        self._seconds = self._examples = 0.0
-        self._steps = 0  # since the last line: fewer than every_n_steps in a resumed job's first interval
+        self._interval = Interval()  # a resumed job's first one has fewer than every_n_steps steps
 
     def on_epoch_begin(self, epoch):
         self.epoch = epoch
 
     def on_step_end(self, step, running, result):
-        self._seconds += result.seconds
-        self._examples += result.examples
-        self._steps += 1
+        self._interval.add(result)
         if step % self.every_n_steps:
             return
-        step_seconds = self._seconds / self._steps
+        step_seconds, samples_per_second = self._interval.read()
         values = {"epoch": self.epoch, "step": step, "running_train_loss": running.loss,
                   "running_train_accuracy": running.accuracy,
-                  "running_samples_per_second": round(self._examples / self._seconds) if self._seconds else 0,
+                  "running_samples_per_second": round(samples_per_second),
                   "step_seconds": step_seconds, "gradient_norm": f"{result.gradient_norm:.4g}"}
         if self.steps_per_epoch:
             values["epoch_eta_seconds"] = round((self.epoch * self.steps_per_epoch - step) * step_seconds)
@@ -60,8 +75,6 @@ class MetricLogger:
         if memory is not None:
             values["device_memory_mb"] = round(memory / 2**20)
         self.print_fn(format_metrics(**values))
-        self._seconds = self._examples = 0.0
-        self._steps = 0
 
     def on_epoch_end(self, epoch, step, logs):
         values = {"epoch": epoch, "step": step, "train_loss": logs["train_loss"],
@@ -114,7 +127,7 @@ class TensorBoardLog:
         self._writers = {name: tf.summary.create_file_writer(f"{log_dir}/{name}") for name in ("train", "validation")}
         self.every_n_steps, self.learning_rate = every_n_steps, learning_rate
         self._graph_of = graph_of
-        self._seconds = self._examples = 0.0
+        self._interval = Interval()
 
     def on_epoch_begin(self, epoch):
         import tensorflow as tf
@@ -127,18 +140,17 @@ class TensorBoardLog:
     def on_step_end(self, step, running, result):
         import tensorflow as tf
 
-        self._seconds += result.seconds
-        self._examples += result.examples
+        self._interval.add(result)
         if step % self.every_n_steps:
             return
+        _, samples_per_second = self._interval.read()
         with self._writers["train"].as_default(step=step):
             tf.summary.scalar("batch_loss", result.loss)
             tf.summary.scalar("batch_accuracy", result.accuracy)
             tf.summary.scalar("gradient_norm", result.gradient_norm)
-            tf.summary.scalar("samples_per_second", self._examples / self._seconds if self._seconds else 0.0)
+            tf.summary.scalar("samples_per_second", samples_per_second)
             if self.learning_rate is not None:
                 tf.summary.scalar("learning_rate", self.learning_rate)
-        self._seconds = self._examples = 0.0
 
     def on_epoch_end(self, epoch, step, logs):
         import tensorflow as tf
