@@ -18,7 +18,7 @@ SAGEMAKER_V3 := .venv-sagemaker-v3
 # and needs numpy<2. tests/test_debugger_tensors.py reads with it what review_trainer/debugger_tensors.py writes.
 SMDEBUG := .venv-smdebug
 
-.PHONY: sample test benchmark benchmark-speed benchmark-telemetry benchmark-frozen gpu-wheels lock clean sagemaker-v2 sagemaker-v3 smdebug
+.PHONY: sample test benchmark benchmark-bias benchmark-explanations benchmark-speed benchmark-telemetry benchmark-frozen gpu-wheels lock clean sagemaker-v2 sagemaker-v3 smdebug
 
 $(VENV)/.installed: docker/requirements.lock docker/requirements-nodeps.lock docker/requirements-dev.lock code/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,14 @@ benchmark: $(VENV)/.installed
 # Training speed against Hugging Face transformers in PyTorch, same machine, model and data (ROWS=N: the first N sentences).
 benchmark-speed: $(VENV)/.installed
 	$(PY) tests/benchmarks/speed.py --data ../shared/data/movie5 --pretrained $(PRETRAINED) $(if $(ROWS),--rows $(ROWS))
+
+# Word attributions on real sentences: the sample's model (make sample first), 200 and 500 evaluations a review.
+benchmark-explanations: $(VENV)/.installed
+	$(PY) tests/benchmarks/explanations.py --model $(SAMPLE)/model
+
+# The bias report's cost on the scan's largest train sample, 3 and 43 facet values.
+benchmark-bias: $(VENV)/.installed
+	$(PY) tests/benchmarks/bias_report.py
 
 # The frozen encoder's cache: epoch samples/s and test accuracy with and without it, both heads (ROWS=N: the first N sentences).
 benchmark-telemetry: $(VENV)/.installed

@@ -35,6 +35,8 @@ _SUBJECTS = ["this movie", "the book", "this product", "the story", "the acting"
 FAST_HYPERPARAMETERS = {
     "epochs": "1", "train_batch_size": "8", "validation_batch_size": "8", "test_batch_size": "8",
     "max_seq_length": "16", "learning_rate": "0.001", "log_every_n_steps": "2", "use_amp": "false",
+    # shap's first explanation compiles its numba functions (about 6 s): only the tests of step 7 pay it
+    "explain_samples": "0",
 }
 
 
@@ -49,15 +51,16 @@ def make_reviews(count, seed=0):
 
 
 def amazon_tsv(rows):
-    """The Amazon Customer Reviews TSV schema: header, tab-separated, no quoting."""
+    """The Amazon Customer Reviews TSV schema: header, tab-separated, no quoting. A row is (text,
+    stars) or (text, stars, {column: value}) for other columns than the defaults below."""
     lines = ["\t".join(AMAZON_COLUMNS)]
-    for i, (text, stars) in enumerate(rows):
+    for i, (text, stars, *other) in enumerate(rows):
         values = {
             "marketplace": "US", "customer_id": str(10000 + i), "review_id": f"R{i:06d}",
             "product_id": "B000TEST", "product_parent": "123", "product_title": 'A "quoted" title',
             "product_category": "Books", "star_rating": str(stars), "helpful_votes": "0",
             "total_votes": "0", "vine": "N", "verified_purchase": "Y", "review_headline": "headline",
-            "review_body": text, "review_date": "2015-08-31",
+            "review_body": text, "review_date": "2015-08-31", **(other[0] if other else {}),
         }
         lines.append("\t".join(values[c] for c in AMAZON_COLUMNS))
     return ("\n".join(lines) + "\n").encode()

@@ -298,3 +298,88 @@ def test_length_buckets_keep_every_example_once_cut_only_padding_and_resume_exac
     for start in (5, steps, steps + 7):  # a resumed job reads what an uninterrupted one would have
         resumed = batches(True, start=start, count=2 * steps - start)
         assert all((a[0] == b[0]).all() and (a[2] == b[2]).all() for a, b in zip(bucketed[start:], resumed))
+
+
+EXTRAS = data.RowSpec("review_body", "star_rating", ("1", "2", "3", "4", "5"), 16, extra_columns=("product_category",))
+
+
+def test_extra_columns_are_read_beside_each_row_in_every_format_and_never_make_a_row_bad(tmp_path, reviews):
+    categories = [("Books", "Toys", "Music")[i % 3] for i in range(len(reviews))]
+    expected = [(text, stars - 1, category) for (text, stars), category in zip(reviews, categories)]
+    csv_text = "review_body,star_rating,product_category\n" + "".join(
+        f'"{t}",{s},{c}\n' for (t, s), c in zip(reviews, categories))
+    jsonl = "".join(json.dumps({"review_body": t, "star_rating": s, "product_category": c}) + "\n"
+                    for (t, s), c in zip(reviews, categories))
+    pq.write_table(pa.table({**table(reviews), "product_category": categories}), tmp_path / "p.parquet")
+    files = {"a.tsv": amazon_tsv([(t, s, {"product_category": c}) for (t, s), c in zip(reviews, categories)]),
+             "c.csv": csv_text.encode(), "d.jsonl": jsonl.encode(), "p.parquet": (tmp_path / "p.parquet").read_bytes()}
+    for name, content in files.items():
+        assert [tuple(row) for row in rows_of_spec(write(tmp_path / name, content), EXTRAS)] == expected, name
+
+    # A facet value that is missing, null or undecodable is an empty or replaced value, never a bad row:
+    # the rows and bad rows are the same with the extra column as without it.
+    odd = [json.dumps({"review_body": "no category", "star_rating": 4}),
+           json.dumps({"review_body": "null category", "star_rating": 2, "product_category": None}),
+           json.dumps({"review_body": "", "star_rating": 2, "product_category": "Toys"}),  # bad: empty text
+           json.dumps({"review_body": "kept", "star_rating": 5, "product_category": " Toys "})]
+    path = write(tmp_path / "odd.jsonl", ("\n".join(odd) + "\n").encode())
+    assert rows_of_spec(path, EXTRAS) == [("no category", 3, ""), ("null category", 1, ""), (None, "empty_text"),
+                                          ("kept", 4, "Toys")]
+    assert [row[:2] for row in rows_of_spec(path, EXTRAS)] == rows_of(path)
+    broken = b'review_body,star_rating,product_category\n"fine",5,\xff\xfeBooks\n"bad \xff",4,Books\n'
+    path = write(tmp_path / "odd.csv", broken)
+    assert [row[:2] for row in rows_of_spec(path, EXTRAS)] == rows_of(path) == [("fine", 4), (None, "undecodable")]
+
+
+def rows_of_spec(path, spec):
+    file_format, compressed = data.detect_format(str(path))
+    return list(data.iter_rows(data.FileSummary(str(path), file_format, compressed, 0), spec))
+
+
+def test_an_extra_column_in_no_row_or_in_a_tfrecord_file_fails_naming_it(tmp_path, reviews):
+    jsonl = "".join(json.dumps({"review_body": t, "star_rating": s, "category": "Books"}) + "\n" for t, s in reviews)
+    with pytest.raises(DataError, match=r"no column 'product_category'; its columns are category, review_body, "
+                                        r"star_rating\. Set text_column / label_column / bias_facet / bias_group"):
+        rows_of_spec(write(tmp_path / "none.jsonl", jsonl.encode()), EXTRAS)
+    path = write(tmp_path / "r.tfrecord", tfrecord_bytes(tmp_path, [([101, 102] + [0] * 14, [1, 1] + [0] * 14, 3)]))
+    with pytest.raises(DataError, match=r"a TFRecord file holds token ids and a label, no column 'product_category'"):
+        rows_of_spec(path, EXTRAS)
+
+
+def test_the_scan_keeps_a_seeded_uniform_sample_and_counts_every_facet_value(tmp_path, monkeypatch):
+    from review_trainer.data import scan
+
+    monkeypatch.setattr(scan, "SAMPLE_ROWS", 50)
+    monkeypatch.setattr(scan, "MAX_DISTINCT_VALUES", 3)
+    channel_dir = tmp_path / "train"
+    channel_dir.mkdir()
+    rows = [(f"review number {i}", i % 5 + 1, {"product_category": f"c{i % 4}", "review_id": str(i)}) for i in range(1000)]
+    write(channel_dir / "a.tsv", amazon_tsv(rows[:600]))
+    write(channel_dir / "b.tsv", amazon_tsv(rows[600:]))
+    spec = data.RowSpec("review_body", "star_rating", SPEC.classes, 16, extra_columns=("product_category", "review_id"))
+    channel = data.scan_channel("train", str(channel_dir), spec, 0.0)
+    # Every row counted: the first 3 values one by one, the 4th's rows as others
+    assert channel.extra_values[0].counts == {"c0": 250, "c1": 250, "c2": 250} and channel.extra_values[0].others == 250
+    # The sample: 50 distinct rows of the channel, each row's label beside its own columns
+    sampled = [int(review_id) for _, _, review_id in channel.sample]
+    assert len(set(sampled)) == 50
+    assert channel.sample == [(i % 5, f"c{i % 4}", str(i)) for i in sampled]
+    # Uniform over the whole channel, not its first rows: about 40% from file b (rows 600-999)
+    assert 10 <= sum(i >= 600 for i in sampled) <= 30 and 10 <= sum(i < 300 for i in sampled) <= 30
+    # A value named in bias_facet_values is counted one by one whatever the bound
+    named = data.scan_channel("train", str(channel_dir), spec, 0.0, facet_values=("c3",)).extra_values[0]
+    assert named.counts == {"c0": 250, "c1": 250, "c2": 250, "c3": 250} and named.others == 0
+    assert data.scan_channel("train", str(channel_dir), spec, 0.0).sample == channel.sample  # seeded: every host
+    assert data.scan_channel("train", str(channel_dir), SPEC, 0.0).sample == []  # no extra columns, no sample
+
+
+def test_read_extras_gives_every_good_row_in_file_order_as_codes(tmp_path):
+    channel_dir = tmp_path / "test"
+    channel_dir.mkdir()
+    write(channel_dir / "a.tsv", amazon_tsv([("one", 1, {"product_category": "Toys"}), ("", 2),
+                                            ("three", 3, {"product_category": "Books"})]))
+    write(channel_dir / "b.tsv", amazon_tsv([("four", 5, {"product_category": "Toys"})]))
+    channel = data.scan_channel("test", str(channel_dir), EXTRAS, 0.5)
+    labels, [(codes, values)] = data.read_extras(channel, EXTRAS)
+    assert labels.dtype == codes.dtype == np.int32
+    assert labels.tolist() == [0, 2, 4] and [values[c] for c in codes] == ["Toys", "Books", "Toys"]

@@ -270,7 +270,8 @@ def podman(*args, **kwargs):
 
 
 def test_cpu_image_is_under_its_size_target(built_image):
-    assert built_image < 2.5e9
+    # 2.33 GB before shap (with numba and llvmlite) and smclarify (with pandas), about 0.3 GB (README)
+    assert built_image < 2.8e9
 
 
 def test_image_trains_on_the_fixture_with_no_network(built_image, tmp_path):

@@ -11,8 +11,10 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import FAST_HYPERPARAMETERS, TRAIN, amazon_tsv, make_opt_ml, make_reviews, read_failure, run_train, train_env
 from review_trainer import checkpointing
+from review_trainer.pretrained import ReviewTokenizer, open_checkpoint
 from review_trainer.backend import choose
 
 JAX_HYPERPARAMETERS = {
@@ -38,13 +40,13 @@ def final_state(base):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, distilbert_dir):
-    base = jax_job(tmp_path_factory.mktemp("jax"))
+    base = jax_job(tmp_path_factory.mktemp("jax"), {"explain_samples": "12", "explain_max_seconds": "600"})
     result = run_train(base, distilbert_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     return base, result
 
 
-def test_a_jax_job_trains_checkpoints_and_records_its_backend(uninterrupted):
+def test_a_jax_job_trains_checkpoints_and_records_its_backend(uninterrupted, distilbert_dir):
     base, result = uninterrupted
     assert re.search(r"^hosts=algo-1 .* backend=jax precision=float32 xla=True backend_reason=backend=jax$",
                      result.stdout, re.M)
@@ -60,6 +62,20 @@ def test_a_jax_job_trains_checkpoints_and_records_its_backend(uninterrupted):
         paths = [path for path, _ in json.load(f)["variables"]]
     assert int(weights[paths.index(next(p for p in paths if p.endswith("iteration")))]) == STEPS
     assert os.path.exists(os.path.join(base, "output", "success"))
+    # Step 7 on JAX (insights.probability_function): the first 12 test reviews explained, each
+    # one's attributions adding up to its probability minus the empty review's
+    with open(os.path.join(base, "output", "data", "explanations", "explanations.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert len(records) == 12
+    serve = tf.saved_model.load(os.path.join(base, "model", "tensorflow", "saved_model", "0")).signatures[
+        "serving_default"]
+    tokenizer = ReviewTokenizer(open_checkpoint(distilbert_dir), 16)
+    served, empty = (serve(**dict(zip(("input_ids", "input_mask"), map(tf.constant, tokenizer(texts)))))[
+        "probabilities"].numpy() for texts in ([r["text"] for r in records], [""]))
+    for record, probabilities in zip(records, served):  # the JAX model's, as the SavedModel serves them
+        assert record["probability"] == pytest.approx(probabilities.max(), abs=1e-4)
+        assert record["base_value"] == pytest.approx(empty[0][probabilities.argmax()], abs=1e-4)
+        assert sum(record["attributions"]) == pytest.approx(record["probability"] - record["base_value"], abs=1e-4)
 
 
 def test_a_jax_job_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(tmp_path, uninterrupted, distilbert_dir):

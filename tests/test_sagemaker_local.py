@@ -91,9 +91,11 @@ def test_v2_local_mode_trains_the_image_and_leaves_model_and_output_archives(bui
                  "manifest.json"):
         assert name in model, sorted(model)
     assert not any(name.startswith(".partial") for name in model)
-    # output.tar.gz is its /opt/ml/output: success, the evaluation, the rules' record and the profile report.
+    # output.tar.gz is its /opt/ml/output: success, the evaluation, the rules' record, the profile report
+    # and the explanations of the first test reviews.
     assert set(output) == {"success", "data/evaluation.json", "data/rules.json", "data/profile.json",
-                           "data/profile.html"}, sorted(output)
+                           "data/profile.html", "data/explanations/explanations.jsonl",
+                           "data/explanations/summary.json", "data/explanations/explanations.html"}, sorted(output)
     assert json.loads(output["data/rules.json"])["stopped_by"] is None
     assert output["data/evaluation.json"] == model["metrics/evaluation.json"]
 

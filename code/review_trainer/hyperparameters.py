@@ -80,6 +80,14 @@ class Hyperparameters:
     vanishing_gradient_threshold: float = 1e-7
     rule_class_imbalance: str = "log"  # at the scan: most / least frequent training class above the threshold
     class_imbalance_threshold: float = 10.0
+    # Explanations and bias after the test evaluation, on the chief (insights.py): Clarify's metrics and SHAP
+    bias_facet: str | None = None  # a column of the review tables, e.g. product_category; None: no bias report
+    bias_facet_values: tuple | None = None  # the sensitive group(s); None: each value of the facet in turn
+    bias_positive_labels: tuple | None = None  # the positive outcome; None: the last two classes (4 and 5)
+    bias_group: str | None = None  # a column for the conditional metrics (CDDL, CDDPL)
+    explain_samples: int = 32  # test reviews explained with SHAP (the first ones); 0: none
+    # the explanations' time (no review begun that would end after it); auto: 4% of the job's time before, >= 15 s
+    explain_max_seconds: int | str = AUTO
     # Telemetry: the profile report (profiler.py) and Debugger tensors (debughookconfig.json) are on when asked for
     enable_profiler: bool = True
     # Several devices and hosts (topology.py)
@@ -156,6 +164,22 @@ class Hyperparameters:
         if self.early_stopping_metric not in EARLY_STOPPING_METRICS:
             problems.append(f"early_stopping_metric must be one of {', '.join(EARLY_STOPPING_METRICS)}, "
                             f"got {self.early_stopping_metric!r}")
+        if self.explain_max_seconds != AUTO and self.explain_max_seconds < 1:
+            problems.append(f"explain_max_seconds must be at least 1 or auto, got {self.explain_max_seconds}")
+        if self.explain_samples < 0:
+            problems.append(f"explain_samples must be 0 (off) or more, got {self.explain_samples}")
+        if self.bias_positive_labels and not set(self.bias_positive_labels) <= set(self.classes):
+            problems.append(f"bias_positive_labels must be among classes ({','.join(self.classes)}), got "
+                            f"{','.join(self.bias_positive_labels)}")
+        if self.bias_positive_labels and set(self.bias_positive_labels) >= set(self.classes):
+            problems.append("bias_positive_labels must leave a class for the negative outcome, got every class")
+        if self.bias_group and self.bias_group in (self.text_column, self.label_column, self.bias_facet):
+            problems.append(f"bias_group must be another column than text_column, label_column and bias_facet, "
+                            f"got {self.bias_group!r}")
+        if self.bias_facet in (self.text_column, self.label_column) and self.bias_facet:
+            problems.append(f"bias_facet must be another column than text_column and label_column, got {self.bias_facet!r}")
+        if (self.bias_facet_values or self.bias_positive_labels or self.bias_group) and not self.bias_facet:
+            problems.append("bias_facet_values, bias_positive_labels and bias_group need bias_facet (the column)")
         if self.head not in HEADS:
             problems.append(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
@@ -166,8 +190,14 @@ class Hyperparameters:
 
     def to_dict(self):
         values = dataclasses.asdict(self)
-        values["classes"] = list(self.classes)
+        for name in ("classes", "bias_facet_values", "bias_positive_labels"):
+            values[name] = None if values[name] is None else list(values[name])
         return values
+
+    @property
+    def positive_labels(self):
+        """The positive outcome of the bias metrics: as set, or the last two classes (4 and 5 stars)."""
+        return self.bias_positive_labels or self.classes[-2:]
 
 
 def _parse_int(value):
@@ -243,6 +273,12 @@ def _parse_classes(value):
     return tuple(items)
 
 
+def _parse_optional_list(value):
+    if value is None or (not isinstance(value, (list, tuple)) and str(value).strip().lower() in ("", "none", "null")):
+        return None
+    return _parse_classes(value)
+
+
 _PARSER_BY_TYPE = {
     "int": _parse_int,
     "int | None": _parse_optional_int,
@@ -253,6 +289,7 @@ _PARSER_BY_TYPE = {
     "str": _parse_str,
     "str | None": _parse_optional_str,
     "tuple": _parse_classes,
+    "tuple | None": _parse_optional_list,
 }
 _PARSERS = {
     field.name: _PARSER_BY_TYPE[field.type]

@@ -10,15 +10,18 @@ Read top to bottom, this is the job (the `train` command, launch.py, has chosen 
      Debugger tensors and TensorBoard
   5. evaluate on the test channel, print sample predictions
   6. export the SavedModel, tokenizer, label map, PyTorch (transformers) copy, metrics and manifest;
-     publish them; success
+     publish them
+  7. explain test reviews and report bias (insights.py; never fails the job); success
 
 Any error ends in output/failure (first line `<Kind>: <message>`) and a non-zero exit code; see
 errors.py. Training runs in this process, which handles SIGTERM itself (stopping.py).
 """
 
+import dataclasses
 import errno
 import os
 import sys
+import time
 import traceback
 
 import keras
@@ -31,6 +34,7 @@ from review_trainer import (
     evaluate,
     export,
     frozen_encoder,
+    insights,
     precision,
     profiler,
     rules,
@@ -43,6 +47,7 @@ from review_trainer.errors import (
     DataError,
     HyperparameterError,
     JobError,
+    JobStopped,
     ResourceError,
     TrainingError,
 )
@@ -58,6 +63,7 @@ SAMPLE_REVIEWS = ("This is great!", "This is OK.", "This is terrible.")
 
 
 def run(env, stop_signal):
+    started = time.monotonic()  # explain_max_seconds=auto is a share of the job's time (insights.py)
     # 1. contract, hyperparameters, and the topology (its strategy comes before any other TensorFlow op)
     hp = Hyperparameters.from_dict(env.hyperparameters)
     backend_name, backend_reason = backend.choose(hp.backend, num_hosts=len(env.hosts), num_gpus=env.num_gpus,
@@ -112,6 +118,8 @@ def run(env, stop_signal):
     # 3. data: scanned here (on every host, the test channel too: the hosts stay in step, and bad data
     #    fails them all at the start), read through this worker's shard (data/sharding.py)
     spec = data.RowSpec(hp.text_column, hp.label_column, hp.classes, hp.max_seq_length)
+    # bias_facet (and bias_group): read by the scan of train (a bounded sample) and test (insights.py)
+    bias_spec = dataclasses.replace(spec, extra_columns=tuple(c for c in (hp.bias_facet, hp.bias_group) if c))
     #    A Pipe-mode channel is not scanned: its FIFOs are read once, pass by pass (data/pipe.py).
     wanted = {"train": True, "validation": hp.run_validation, "test": hp.run_test}
     channels, pipes, pipe_readers = {}, {}, {}  # pipe_readers: each Pipe channel's data.PipePasses
@@ -130,16 +138,18 @@ def run(env, stop_signal):
                   f"{pipes[name].fifo('<pass>')}: not scanned (a FIFO is read once); rows are counted as they "
                   "stream and max_bad_row_fraction is checked at the end of each pass")
             continue
-        channels[name] = data.scan_channel(name, env.channel_dirs[name], spec, hp.max_bad_row_fraction)
+        channels[name] = data.scan_channel(name, env.channel_dirs[name], bias_spec if name != "validation" else spec,
+                                           hp.max_bad_row_fraction, facet_values=hp.bias_facet_values or ())
         for line in data.describe(channels[name]):
             print(line)
     topology.barrier("the data scan")
+    # ShardedByS3Key on several hosts: each scanned its own files, so a stop could end some hosts only
+    own_files = topology.num_workers > 1 and env.channel_distribution["train"] == sharding.SHARDED_BY_S3_KEY
+    insights.check_settings(hp, channels, pipes, topology, own_files)  # bias_facet_values present, few values
     job_rules = rules.Rules(hp)
     if "train" in pipes:
         print("rule=class_imbalance skipped: the train channel is in Pipe mode, read once and not scanned")
     else:
-        # ShardedByS3Key on several hosts: each scanned its own files, so a stop could end some hosts only
-        own_files = topology.num_workers > 1 and env.channel_distribution["train"] == sharding.SHARDED_BY_S3_KEY
         try:
             job_rules.check_class_balance(channels["train"].class_counts, hp.classes, may_stop=not own_files)
         except DataError:
@@ -277,7 +287,7 @@ def run(env, stop_signal):
     staged = export.start_staging(model_dir)
 
     # 5. evaluation
-    report = None
+    report = test_predictions = None
     if "test" in channels:
         if "test" in pipes:
             test_pipe = pipe_readers["test"] = data.PipePasses(pipes["test"], spec, tokenizer, hp.test_batch_size,
@@ -296,7 +306,8 @@ def run(env, stop_signal):
             raise
         if "test" in pipes:
             test_pipe.finish()
-        report = evaluate.classification_report(labels, probabilities.argmax(axis=1), hp.classes, seed=hp.seed)
+        test_predictions = (labels, probabilities.argmax(axis=1))  # class indexes, for the bias report
+        report = evaluate.classification_report(*test_predictions, hp.classes, seed=hp.seed)
         scores = report["multiclass_classification_metrics"]
         print(format_metrics(test_loss=test_loss, test_accuracy=scores["accuracy"]["value"],
                              test_macro_f1=scores["macro_f1"]["value"], test_rows=len(labels)))
@@ -344,6 +355,13 @@ def run(env, stop_signal):
     job_rules.write_report(rules_path, exported)
     export.publish(model_dir)
     print(f"model written to {model_dir}")
+
+    # 7. explanations and bias: the model is published; nothing here fails the job (insights.py)
+    try:
+        insights.run(hp, channels, pipes, spec, bias_spec, model, tokenizer, test_predictions,
+                     env.output_data_dir, job_seconds=time.monotonic() - started)
+    except JobStopped as stopped:  # the model is published: the job still succeeds
+        print(f"explanations and bias cut short ({stopped}); the model is published")
 
 
 def check_pipe_mode(channel, hp, topology, distribution):

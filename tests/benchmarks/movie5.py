@@ -102,6 +102,11 @@ def main():
     print(f"{'fine-tuned (train entry)':<34} {last('test_accuracy', log):>13.4f} {last('test_macro_f1', log):>9.4f}")
     print(f"{'TF-IDF + logistic regression':<34} {baseline_accuracy:>13.4f} {baseline_f1:>9.4f}")
     print(f"training samples/s per epoch: {', '.join(f'{s:.0f}' for s in speeds)}; whole job {seconds:.0f} s")
+    explained = re.search(r"^explanations reviews=(\d+) seconds=(\S+) seconds_per_review=(\S+)", log, re.M)
+    if explained:  # step 7, after the model is published: its share of the rest of the job
+        reviews, spent, each = int(explained[1]), float(explained[2]), float(explained[3])
+        print(f"explanations: {reviews} reviews in {spent:.1f} s, {each:.2f} s a review: {spent / (seconds - spent):.1%} "
+              f"on top of the job's other {seconds - spent:.0f} s")
     ratio = last("test_accuracy", log) / baseline_accuracy
     print(f"accuracy ratio fine-tuned / baseline: {ratio:.3f}")
     saves = [float(v) for v in re.findall(r"^checkpoint step=\d+ checkpoint_seconds=(\S+)", log, re.M)]

@@ -37,16 +37,24 @@ MAX_CSV_RECORD_LINES = 100
 
 @dataclasses.dataclass(frozen=True)
 class RowSpec:
-    """What a row must hold: the columns to read and the label values, in class order."""
+    """What a row must hold: the columns to read and the label values, in class order.
+
+    extra_columns (the bias facet and group, bias.py): read as text beside each good row, which
+    then is (text, class index, *extras); without them a good row is (text, class index)."""
 
     text_column: str
     label_column: str
     classes: tuple
     max_seq_length: int
+    extra_columns: tuple = ()
 
     @property
     def label_index(self):
         return {label: index for index, label in enumerate(self.classes)}
+
+    @property
+    def columns(self):
+        return (self.text_column, self.label_column, *self.extra_columns)
 
 
 def detect_format(path):
@@ -120,6 +128,10 @@ def iter_rows(summary, spec):
     TFRecord rows are already tokenized: they yield (None, class index) here, for the counts.
     """
     if summary.format == TFRECORD:
+        if spec.extra_columns:
+            raise DataError(f"{summary.path}: a TFRecord file holds token ids and a label, no column "
+                            f"{', '.join(map(repr, spec.extra_columns))}; bias_facet needs review tables "
+                            "(TSV, CSV, JSON Lines, Parquet)")
         yield from _tfrecord_rows(summary, spec)
     elif summary.format == PARQUET:
         yield from _checked(_parquet_rows(summary.path, spec, summary.path), spec)
@@ -144,7 +156,7 @@ def _checked(rows, spec):
         if isinstance(row, BadRow):
             yield None, str(row)
             continue
-        text, label = row
+        text, label, *extras = row
         text = "" if text is None else str(text).strip()
         if not text:
             yield None, EMPTY_TEXT
@@ -156,7 +168,7 @@ def _checked(rows, spec):
         if index is None:
             yield None, UNKNOWN_LABEL
             continue
-        yield text, index
+        yield (text, index, *("" if extra is None else str(extra).strip() for extra in extras))
 
 
 def _label_key(value):
@@ -178,20 +190,22 @@ def _open_binary(summary):
 
 
 def _header_indexes(name, header, spec):
-    missing = [c for c in (spec.text_column, spec.label_column) if c not in header]
+    """Where each of spec.columns is in the header (text, label, then the extra columns)."""
+    missing = [c for c in spec.columns if c not in header]
     if missing:
+        settings = "text_column / label_column" + (" / bias_facet / bias_group" if spec.extra_columns else "")
         raise DataError(
             f"{name}: no column {', '.join(map(repr, missing))}; its columns are "
-            f"{', '.join(header)}. Set text_column / label_column to the right names."
+            f"{', '.join(header)}. Set {settings} to the right names."
         )
-    return header.index(spec.text_column), header.index(spec.label_column)
+    return [header.index(column) for column in spec.columns]
 
 
 def _tsv_rows(f, spec, name):
     # The Amazon Customer Reviews files are tab-separated with no quoting: a quote is text.
     header_line = f.readline().removeprefix(UTF8_BOM).rstrip(b"\r\n")
     header = header_line.decode("utf-8", "replace").split("\t")
-    text_at, label_at = _header_indexes(name, header, spec)
+    at = _header_indexes(name, header, spec)
     for raw in f:
         raw = raw.rstrip(b"\r\n")
         if not raw.strip() or raw.removeprefix(UTF8_BOM) == header_line:
@@ -205,7 +219,7 @@ def _tsv_rows(f, spec, name):
         if len(fields) != len(header):
             yield BadRow(MALFORMED)
             continue
-        yield fields[text_at], fields[label_at]
+        yield tuple(fields[i] for i in at)
 
 
 def _csv_rows(f, spec, name):
@@ -214,7 +228,7 @@ def _csv_rows(f, spec, name):
     try:
         reader = csv.reader(text)
         header = next(reader, [])
-        text_at, label_at = _header_indexes(name, header, spec)
+        at = _header_indexes(name, header, spec)
         while True:
             first_line = reader.line_num + 1
             try:
@@ -232,17 +246,20 @@ def _csv_rows(f, spec, name):
                 continue
             if len(fields) != len(header):
                 yield BadRow(MALFORMED)
-            elif "\ufffd" in fields[text_at] or "\ufffd" in fields[label_at]:
+            elif any("\ufffd" in fields[i] for i in at[:2]):  # the extra columns never make a row bad
                 yield BadRow(UNDECODABLE)
             else:
-                yield fields[text_at], fields[label_at]
+                yield tuple(fields[i] for i in at)
     finally:
         text.detach()  # the caller closes f
 
 
+MAX_KEYS_NAMED = 100  # JSON Lines keys collected for a missing column's message
+
+
 def _jsonl_rows(f, spec, name):
-    columns = (spec.text_column, spec.label_column)
-    rows_with_columns, keys_seen = 0, set()
+    columns = spec.columns
+    rows_with_columns, keys_seen, extras_present = 0, set(), set()
     for raw in f:
         if not raw.strip():
             continue
@@ -254,14 +271,20 @@ def _jsonl_rows(f, spec, name):
         except json.JSONDecodeError:
             yield BadRow(MALFORMED)
             continue
-        if not isinstance(record, dict) or not all(c in record for c in columns):
+        if not isinstance(record, dict) or not all(c in record for c in columns[:2]):
             keys_seen.update(record if isinstance(record, dict) else ())
             yield BadRow(MALFORMED)
             continue
         rows_with_columns += 1
-        yield record[spec.text_column], record[spec.label_column]
+        if len(extras_present) < len(columns) - 2:  # until each extra column is seen: the keys, for the message
+            extras_present.update(c for c in columns[2:] if c in record)
+            if len(keys_seen) < MAX_KEYS_NAMED:
+                keys_seen.update(record)
+        yield tuple(record.get(c) for c in columns)  # a missing extra column is an empty value, not a bad row
     if keys_seen and not rows_with_columns:
         _header_indexes(name, sorted(keys_seen), spec)  # raises: names the missing column
+    if rows_with_columns and len(extras_present) < len(columns) - 2:  # an extra column in no row at all
+        _header_indexes(name, sorted(keys_seen), spec)  # raises: names it and the keys there are
 
 
 def _parquet_rows(source, spec, name):
@@ -273,10 +296,8 @@ def _parquet_rows(source, spec, name):
     except Exception as error:  # noqa: BLE001 - pyarrow raises several types for a broken file
         raise DataError(f"{name}: unreadable Parquet file ({error})") from error
     _header_indexes(name, parquet.schema_arrow.names, spec)
-    for batch in parquet.iter_batches(batch_size=4096, columns=[spec.text_column, spec.label_column]):
-        texts = batch.column(spec.text_column).to_pylist()
-        labels = batch.column(spec.label_column).to_pylist()
-        yield from zip(texts, labels)
+    for batch in parquet.iter_batches(batch_size=4096, columns=list(spec.columns)):
+        yield from zip(*(batch.column(column).to_pylist() for column in spec.columns))
 
 
 def _tfrecord_rows(summary, spec):

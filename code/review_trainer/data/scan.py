@@ -8,7 +8,11 @@ import collections
 import dataclasses
 import hashlib
 import os
+import random
 import zlib
+from array import array
+
+import numpy as np
 
 from review_trainer.data.formats import detect_format, iter_rows
 from review_trainer.errors import DataError
@@ -38,6 +42,11 @@ class FileSummary:
 class ChannelSummary:
     name: str
     files: list
+    # With RowSpec.extra_columns (bias.py), so that a channel of any size is never held in memory:
+    # a uniform sample of (class index, *extra values) of the good rows, at most SAMPLE_ROWS, and
+    # the rows per value of each extra column, counted over every good row
+    sample: list = dataclasses.field(default_factory=list)
+    extra_values: tuple = ()  # a ValueCounts per extra column
 
     @property
     def good_rows(self):
@@ -61,29 +70,61 @@ def list_files(channel_dir):
     return paths
 
 
-def scan_channel(name, channel_dir, spec, max_bad_row_fraction):
-    """Reads every row once: counts good and bad rows, hashes the files, checks the fraction."""
+SAMPLE_ROWS = 100_000  # rows kept for the bias metrics when the spec has extra columns
+MAX_DISTINCT_VALUES = 1_000  # values counted one by one per extra column (a category, not an ID)
+
+
+@dataclasses.dataclass
+class ValueCounts:
+    """Rows per value of a column, for its first MAX_DISTINCT_VALUES distinct values; the rows of
+    any later value are counted together in `others`, so an ID-like column stays small."""
+
+    counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    others: int = 0
+    always: frozenset = frozenset()  # values counted one by one whatever the bound (bias_facet_values)
+
+    def add(self, value):
+        if value in self.counts or len(self.counts) < MAX_DISTINCT_VALUES or value in self.always:
+            self.counts[value] += 1
+        else:
+            self.others += 1
+
+
+def scan_channel(name, channel_dir, spec, max_bad_row_fraction, facet_values=()):
+    """Reads every row once: counts good and bad rows, hashes the files, checks the fraction; with
+    extra columns, keeps a reservoir sample of them (seeded: the same sample on every host) and
+    counts their values (facet_values: values of the first, counted whatever the bound)."""
     paths = list_files(channel_dir)
     if not paths:
         raise DataError(f"channel {name!r} ({channel_dir}) has no files")
-    summaries = []
+    summaries, sample, seen, rng = [], [], 0, random.Random(0)
+    extra_values = tuple(ValueCounts(always=frozenset(facet_values) if i == 0 else frozenset())
+                         for i in range(len(spec.extra_columns)))
     for path in paths:
         file_format, compressed = detect_format(path)
         summary = FileSummary(path, file_format, compressed, os.path.getsize(path), sha256_file(path))
         try:
-            for _, label in iter_rows(summary, spec):
+            for _, label, *extras in iter_rows(summary, spec):
                 if isinstance(label, str):
                     summary.bad_rows[label] += 1
-                else:
-                    summary.good_rows += 1
-                    summary.class_counts[label] += 1
+                    continue
+                summary.good_rows += 1
+                summary.class_counts[label] += 1
+                if spec.extra_columns:
+                    for counts, value in zip(extra_values, extras):
+                        counts.add(value)
+                    seen += 1  # Algorithm R
+                    if len(sample) < SAMPLE_ROWS:
+                        sample.append((label, *extras))
+                    elif (slot := rng.randrange(seen)) < SAMPLE_ROWS:
+                        sample[slot] = (label, *extras)
         except (OSError, EOFError, zlib.error, ValueError) as error:  # pyarrow's errors derive from these
             raise DataError(
                 f"{path}: cannot be read after {summary.good_rows + sum(summary.bad_rows.values())} rows "
                 f"({type(error).__name__}: {error}); is it truncated?"
             ) from error
         summaries.append(summary)
-    channel = ChannelSummary(name, summaries)
+    channel = ChannelSummary(name, summaries, sample, extra_values)
     check_bad_rows(channel, max_bad_row_fraction)
     return channel
 
@@ -129,3 +170,21 @@ def sha256_file(path):
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_extras(channel, spec):
+    """The class index and extra values of every good row of a scanned channel, in the order the
+    evaluation reads them (its files in order, each from the top): the test set's facets beside its
+    predictions. Compact, 4 bytes a row and column: (class indexes, [(codes, values) per extra
+    column]), int32 arrays, values[code] the value."""
+    labels, codes = array("i"), [array("i") for _ in spec.extra_columns]
+    values = [{} for _ in spec.extra_columns]
+    for summary in channel.files:
+        for _, label, *extras in iter_rows(summary, spec):
+            if isinstance(label, str):
+                continue
+            labels.append(label)
+            for column_codes, column_values, value in zip(codes, values, extras):
+                column_codes.append(column_values.setdefault(value, len(column_values)))
+    return np.asarray(labels, np.int32), [(np.asarray(c, np.int32), list(v)) for c, v in zip(codes, values)]
+
