@@ -41,6 +41,7 @@ import dataclasses
 import logging
 
 import pandas as pd
+from review_trainer.errors import JobStopped
 from smclarify.bias import metrics as clarify_metrics
 from smclarify.bias.metrics import common as clarify_common
 from smclarify.bias.report import FacetColumn, LabelColumn, StageType, bias_report
@@ -130,6 +131,8 @@ def _report(stage, labels, predicted_labels, facets, config, groups):
                 metrics=list(names),
                 group_variable=None if groups is None else _column(groups, "group"),
             )
+    except JobStopped:
+        raise
     except Exception as error:  # smclarify gave up on the whole report: every metric carries why
         values = _failed(names, _facet_values(facets, config), error)
     return {"facet": config.facet_column, "positive_labels": positive, "values": values}

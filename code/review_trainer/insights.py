@@ -28,10 +28,12 @@ from review_trainer.hyperparameters import AUTO
 
 
 def run(hp, channels, pipes, spec, bias_spec, model, tokenizer, test_predictions, out_dir, job_seconds,
-        print_fn=print):
+        stop_signal=None, print_fn=print):
     """Step 7 of the job: explanations, then the bias report, each where its settings and channels
     allow. Any error but a stop signal is logged and written down, never raised. job_seconds: how
-    long the job has run, for explain_max_seconds=auto."""
+    long the job has run, for explain_max_seconds=auto. stop_signal: a signal that arrived inside
+    a library that catches every exception (smclarify does, per metric) still stops the job after
+    the phase it arrived in."""
     try:
         if hp.explain_samples and "test" in channels and "test" not in pipes:
             reviews = first_test_reviews(channels["test"], spec, hp.explain_samples)
@@ -50,6 +52,7 @@ def run(hp, channels, pipes, spec, bias_spec, model, tokenizer, test_predictions
                         os.path.join(out_dir, "explanations", "summary.json"))
         except OSError as write_error:
             print_fn(f"explanations' report not written ({write_error})")
+    _check_stop(stop_signal)
     if not hp.bias_facet:
         return
     if "train" in pipes:
@@ -62,6 +65,12 @@ def run(hp, channels, pipes, spec, bias_spec, model, tokenizer, test_predictions
         print_fn("bias report: pre-training metrics only, " + ("the test channel is in Pipe mode (read once)"
                                                                if "test" in pipes else "no test channel"))
     write_bias_report(hp, channels["train"].sample, test, out_dir, print_fn)
+    _check_stop(stop_signal)
+
+
+def _check_stop(stop_signal):
+    if stop_signal is not None and stop_signal.received:
+        raise stop_signal.stopped("during the explanations and bias report")
 
 
 # Facet values reported one by one when bias_facet_values does not name the sensitive group.
@@ -160,9 +169,9 @@ def _columns(rows, classes):
     return labels, facets, groups
 
 
-# Model evaluations per review. On the bundled sample's 30 test sentences (MiniLM, fine-tuned), 200
-# gave the same top word as shap's default 500 for 27 of them, and 88% of the top three, at less
-# than half the cost (README, Explanations and bias).
+# Model evaluations per review. On the bundled sample's first 30 test sentences (MiniLM, fine-tuned),
+# 200 gave the same top word as shap's default 500 for 28 of them, and 89% of the top three
+# (`make benchmark-explanations`; README, Explanations and bias).
 MAX_EVALS = 200
 
 
@@ -198,6 +207,8 @@ def write_explanations(texts, predict_proba, classes, out_dir, print_fn=print, b
                        budget_seconds=None if budget is None else round(budget[0], 1),
                        budget=None if budget is None else budget[1], cut_short_by_budget=cut_short)
         explanations.write(records, summary, folder, error=error)
+    except JobStopped:
+        raise
     except Exception as write_error:  # noqa: BLE001 - never fails the job
         error = f"{error}; " if error else ""
         error += f"writing them: {type(write_error).__name__}: {write_error}"

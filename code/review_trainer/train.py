@@ -359,7 +359,7 @@ def run(env, stop_signal):
     # 7. explanations and bias: the model is published; nothing here fails the job (insights.py)
     try:
         insights.run(hp, channels, pipes, spec, bias_spec, model, tokenizer, test_predictions,
-                     env.output_data_dir, job_seconds=time.monotonic() - started)
+                     env.output_data_dir, job_seconds=time.monotonic() - started, stop_signal=stop_signal)
     except JobStopped as stopped:  # the model is published: the job still succeeds
         print(f"explanations and bias cut short ({stopped}); the model is published")
 

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import gzip
 import io
+import itertools
 import json
 import struct
 
@@ -278,13 +279,12 @@ def _jsonl_rows(f, spec, name):
         rows_with_columns += 1
         if len(extras_present) < len(columns) - 2:  # until each extra column is seen: the keys, for the message
             extras_present.update(c for c in columns[2:] if c in record)
-            if len(keys_seen) < MAX_KEYS_NAMED:
-                keys_seen.update(record)
+            keys_seen.update(itertools.islice(record, max(MAX_KEYS_NAMED - len(keys_seen), 0)))
         yield tuple(record.get(c) for c in columns)  # a missing extra column is an empty value, not a bad row
     if keys_seen and not rows_with_columns:
         _header_indexes(name, sorted(keys_seen), spec)  # raises: names the missing column
     if rows_with_columns and len(extras_present) < len(columns) - 2:  # an extra column in no row at all
-        _header_indexes(name, sorted(keys_seen), spec)  # raises: names it and the keys there are
+        _header_indexes(name, sorted(keys_seen | set(columns[:2]) | extras_present), spec)  # raises: names it
 
 
 def _parquet_rows(source, spec, name):
