@@ -38,7 +38,7 @@ sample: $(VENV)/.installed
 	@echo "model: $(SAMPLE)/model  evaluation: $(SAMPLE)/output/data/evaluation.json"
 
 test: $(VENV)/.installed $(SAGEMAKER_V2)/.installed $(SMDEBUG)/.installed
-	$(VENV)/bin/pytest --durations=8
+	$(VENV)/bin/pytest --durations=20
 
 $(SAGEMAKER_V2)/.installed $(SAGEMAKER_V3)/.installed: .venv-sagemaker-%/.installed: docker/requirements-sagemaker-%.lock
 	rm -rf $(@D) && $(PYTHON) -m venv $(@D)

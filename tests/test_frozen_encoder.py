@@ -232,8 +232,9 @@ def metric_values(log):
                                          r"test_accuracy|test_macro_f1)=(\S+)", log)]
 
 
-@pytest.mark.parametrize("head,backend", [("cls", "tensorflow"), ("bilstm", "tensorflow"), ("cls", "jax"),
-                                          ("bilstm", "jax")])
+# Each head and each backend once (pairs, not every combination: the cache sits between the encoder
+# and the head, whichever the head; the two other pairs cost 80 s of CI for no other code path)
+@pytest.mark.parametrize("head,backend", [("cls", "tensorflow"), ("bilstm", "jax")])
 def test_the_cached_frozen_job_ends_with_the_uncached_jobs_weights_and_metrics(tmp_path, distilbert_dir, head, backend):
     cached_log = frozen_job(tmp_path / "cached", distilbert_dir, head, "true", backend)
     uncached_log = frozen_job(tmp_path / "uncached", distilbert_dir, head, "false", backend)

@@ -64,17 +64,24 @@ def tar_files(path):
 
 def test_v2_local_mode_trains_the_image_and_leaves_model_and_output_archives(built_image, sdk_env, tmp_path):
     rows = {"train": make_reviews(48, 21), "validation": make_reviews(16, 22), "test": make_reviews(20, 23)}
-    files = {"train": ("train.tsv.gz", gzipped(amazon_tsv(rows["train"]))),
+    # product_category: Books in a third of the rows, Toys in the others (the bias report's facet)
+    def with_category(reviews):
+        return [(text, stars, {"product_category": "Books" if i % 3 == 0 else "Toys"})
+                for i, (text, stars) in enumerate(reviews)]
+
+    files = {"train": ("train.tsv.gz", gzipped(amazon_tsv(with_category(rows["train"])))),
              "validation": ("validation.tsv", amazon_tsv(rows["validation"])),
-             "test": ("test.tsv", amazon_tsv(rows["test"]))}
+             "test": ("test.tsv", amazon_tsv(with_category(rows["test"])))}
     for channel, (name, content) in files.items():
         (tmp_path / "data" / channel).mkdir(parents=True)
         (tmp_path / "data" / channel / name).write_bytes(content)
     before = containers()
 
     started = time.monotonic()
-    result = run_example(sdk_env, tmp_path / "data", tmp_path / "out",
-                         *(f"{k}={v}" for k, v in FAST_HYPERPARAMETERS.items()))
+    # With step 7 on: shap and smclarify run in the image, with no network
+    hyperparameters = {**FAST_HYPERPARAMETERS, "explain_samples": "2", "explain_max_seconds": "600",
+                       "bias_facet": "product_category"}
+    result = run_example(sdk_env, tmp_path / "data", tmp_path / "out", *(f"{k}={v}" for k, v in hyperparameters.items()))
     print(f"\nSDK v2 local-mode run: {time.monotonic() - started:.1f} s")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -92,10 +99,18 @@ def test_v2_local_mode_trains_the_image_and_leaves_model_and_output_archives(bui
         assert name in model, sorted(model)
     assert not any(name.startswith(".partial") for name in model)
     # output.tar.gz is its /opt/ml/output: success, the evaluation, the rules' record, the profile report
-    # and the explanations of the first test reviews.
+    # the explanations of the first test reviews and the bias report.
     assert set(output) == {"success", "data/evaluation.json", "data/rules.json", "data/profile.json",
                            "data/profile.html", "data/explanations/explanations.jsonl",
-                           "data/explanations/summary.json", "data/explanations/explanations.html"}, sorted(output)
+                           "data/explanations/summary.json", "data/explanations/explanations.html",
+                           "data/bias/analysis.json"}, sorted(output)
+    assert json.loads(output["data/explanations/summary.json"])["reviews"] == 2
+    analysis = json.loads(output["data/bias/analysis.json"])
+    [books] = [entry for entry in analysis["pre_training_bias_metrics"]["facets"]["product_category"]
+               if entry["value_or_threshold"] == "Books"]
+    # CI = (n_a - n_d) / n: 32 Toys and 16 Books rows
+    assert {m["name"]: m["value"] for m in books["metrics"]}["CI"] == pytest.approx((32 - 16) / 48)
+    assert "post_training_bias_metrics" in analysis
     assert json.loads(output["data/rules.json"])["stopped_by"] is None
     assert output["data/evaluation.json"] == model["metrics/evaluation.json"]
 
