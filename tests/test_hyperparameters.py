@@ -58,6 +58,15 @@ def test_every_problem_is_reported_together():
     ({"test_steps": "0"}, "test_steps must be at least 1"),
     ({"max_bad_row_fraction": "2"}, "max_bad_row_fraction must be between 0 and 1"),
     ({"learning_rate": "nan"}, "expected a finite number"),
+    # explanations and bias: wrong settings fail at the start, like the others
+    ({"bias_facet": "star_rating"}, "bias_facet must be another column than text_column and label_column"),
+    ({"bias_facet": "vine", "bias_group": "vine"}, "bias_group must be another column than text_column, "
+                                                     "label_column and bias_facet"),
+    ({"bias_facet": "vine", "bias_positive_labels": "5,6"}, r"bias_positive_labels must be among classes"),
+    ({"bias_facet": "vine", "bias_positive_labels": "1,2,3,4,5"}, "must leave a class for the negative outcome"),
+    ({"bias_facet_values": "Books"}, "need bias_facet"),
+    ({"explain_samples": "-1"}, "explain_samples must be 0"),
+    ({"explain_max_seconds": "0"}, "explain_max_seconds must be at least 1 or auto"),
 ])
 def test_out_of_range_values_fail_with_the_name_and_the_range(raw, expected):
     with pytest.raises(HyperparameterError, match=expected):
@@ -74,17 +83,3 @@ def test_bias_settings_are_parsed_as_lists_and_default_to_the_top_two_classes():
     hp = Hyperparameters.from_dict({"bias_facet": "vine", "bias_facet_values": "none"})
     assert hp.bias_facet_values is None and hp.positive_labels == ("4", "5") and hp.to_dict()["bias_facet_values"] is None
 
-
-@pytest.mark.parametrize("raw, expected", [
-    ({"bias_facet": "star_rating"}, "bias_facet must be another column than text_column and label_column"),
-    ({"bias_facet": "vine", "bias_group": "vine"}, "bias_group must be another column than text_column, "
-                                                     "label_column and bias_facet"),
-    ({"bias_facet": "vine", "bias_positive_labels": "5,6"}, r"bias_positive_labels must be among classes"),
-    ({"bias_facet": "vine", "bias_positive_labels": "1,2,3,4,5"}, "must leave a class for the negative outcome"),
-    ({"bias_facet_values": "Books"}, "need bias_facet"),
-    ({"explain_samples": "-1"}, "explain_samples must be 0"),
-    ({"explain_max_seconds": "0"}, "explain_max_seconds must be at least 1 or auto"),
-])
-def test_bad_bias_and_explanation_settings_fail_at_the_start(raw, expected):
-    with pytest.raises(HyperparameterError, match=expected):
-        Hyperparameters.from_dict(raw)

@@ -47,11 +47,8 @@ def run(hp, channels, pipes, spec, bias_spec, model, tokenizer, test_predictions
         raise
     except Exception as error:  # noqa: BLE001 - the job goes on, with the error in the report
         print_fn(f"explanations failed (the model is published): {type(error).__name__}: {error}")
-        try:
-            _write_json({"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()},
-                        os.path.join(out_dir, "explanations", "summary.json"))
-        except OSError as write_error:
-            print_fn(f"explanations' report not written ({write_error})")
+        _write_error_summary(os.path.join(out_dir, "explanations"), f"{type(error).__name__}: {error}", print_fn,
+                             traceback=traceback.format_exc())
     _check_stop(stop_signal)
     if not hp.bias_facet:
         return
@@ -212,7 +209,7 @@ def write_explanations(texts, predict_proba, classes, out_dir, print_fn=print, b
     except Exception as write_error:  # noqa: BLE001 - never fails the job
         error = f"{error}; " if error else ""
         error += f"writing them: {type(write_error).__name__}: {write_error}"
-        _write_json({"error": error}, os.path.join(folder, "summary.json"))
+        _write_error_summary(folder, error, print_fn)
     if error:
         print_fn(f"explanations incomplete (the model is published): {error}")
     if cut_short:
@@ -261,6 +258,14 @@ def first_test_reviews(channel, spec, count):
                 if len(texts) == count:
                     return texts
     return texts
+
+
+def _write_error_summary(folder, error, print_fn, **details):
+    """The explanations' summary.json when they failed: the error in place of the figures."""
+    try:
+        _write_json({"error": error, **details}, os.path.join(folder, "summary.json"))
+    except OSError as write_error:
+        print_fn(f"explanations' report not written ({write_error})")
 
 
 def _write_json(content, path):
