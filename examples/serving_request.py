@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-from review_trainer.predict import load_tokenizer
+from review_trainer.cli.predict import load_tokenizer
 
 
 def request_body(model_dir, reviews):

@@ -1,20 +1,28 @@
-"""Shared fixtures: tiny checkpoints, generated reviews, a temporary /opt/ml, a `train` runner, and the
-built CPU image (session-scoped: built once per run)."""
+"""Shared fixtures: tiny checkpoints, generated reviews, a temporary /opt/ml, `train` runners (in a
+process of its own, or in-process for start-up failures), and the built CPU image (built once per
+run: a session fixture shared by the pytest-xdist workers through a file lock)."""
 
+import contextlib
 import glob
 import gzip
+import io
 import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny_pretrained  # noqa: E402
+from injection import HOLDING, hold_step  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(os.path.dirname(sys.executable), "train")
@@ -37,7 +45,24 @@ FAST_HYPERPARAMETERS = {
     "max_seq_length": "16", "learning_rate": "0.001", "log_every_n_steps": "2", "use_amp": "false",
     # shap's first explanation compiles its numba functions (about 6 s): only the tests of step 7 pay it
     "explain_samples": "0",
+    # the profile report's sampler thread and plots: only the jobs that check the report pay for them
+    "enable_profiler": "false",
 }
+
+
+def pytest_configure(config):
+    """Every JAX job of a test run compiles into one persistent cache, shared by the pytest-xdist
+    workers (JAX's own, keyed by the program): a job that compiles what an earlier one did loads it
+    instead, the same executable (a JAX job of the tests took 24 s without it, 12.5 s with it)."""
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # set by the controller; the workers inherit it
+        config.jax_cache = tempfile.mkdtemp(prefix="review-trainer-jax-cache-")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = config.jax_cache
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "jax_cache", None):
+        shutil.rmtree(config.jax_cache, ignore_errors=True)
 
 
 def make_reviews(count, seed=0):
@@ -109,9 +134,80 @@ def train_env(base, pretrained_dir=None, **extra):
     return env
 
 
-def run_train(base, pretrained_dir=None, timeout=600):
-    return subprocess.run([TRAIN], env=train_env(base, pretrained_dir), capture_output=True, text=True,
+def run_train(base, pretrained_dir=None, timeout=600, **extra_env):
+    return subprocess.run([TRAIN], env=train_env(base, pretrained_dir, **extra_env), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def run_until_held_then_signal(base, pretrained_dir, step, signum=signal.SIGTERM, timeout=600, command=None):
+    """Runs `train` with training step `step` held until a stop signal (injection.HOLD_STEP), sends
+    the signal once the step is held, and returns (exit code, log). Deterministic: the job stops
+    after exactly that step, whatever the machine's speed."""
+    env = train_env(base, pretrained_dir, PYTHONUNBUFFERED="1", **hold_step(tempfile.mkdtemp(), step))
+    process = subprocess.Popen(command or [TRAIN], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    lines, held = [], False
+    for line in process.stdout:
+        lines.append(line)
+        if not held and line.rstrip("\n") == HOLDING.format(step=step):
+            process.send_signal(signum)
+            held = True
+    exit_code = process.wait(timeout=timeout)
+    assert held, "".join(lines)[-3000:]
+    return exit_code, "".join(lines)
+
+
+def train_in_process(base, pretrained_dir=None, **extra_env):
+    """The `train` entry run in this process: no interpreter or TensorFlow to start and tear down
+    (about 8 s a job), for jobs on this process's backend (TensorFlow) that need no signal and no
+    second host. Returns what run_train returns; the environment and Keras's dtype policy are as
+    they were after it, and so are the signal handlers (the entry puts them back). Keras's global
+    state is cleared first, so that layers and variables get the names they would in a new process."""
+    import keras
+    from review_trainer.cli import train
+
+    variables = {"SAGEMAKER_BASE_DIR": str(base), "KERAS_BACKEND": keras.backend.backend(),
+                 "PRETRAINED_MODEL_DIR": str(pretrained_dir) if pretrained_dir else None, **extra_env}
+    saved = {name: os.environ.get(name) for name in variables}
+    out, err = io.StringIO(), io.StringIO()
+    keras.backend.clear_session()  # Keras's global state as a new process has it: layer names, graphs, memory
+    try:
+        _set_environment(variables)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            exit_code = train.main()
+    finally:
+        _set_environment(saved)
+        keras.mixed_precision.set_global_policy("float32")
+    return subprocess.CompletedProcess([TRAIN], exit_code, out.getvalue(), err.getvalue())
+
+
+def _set_environment(variables):
+    for name, value in variables.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture
+def run_in_process():
+    return train_in_process
+
+
+def shared_folder(tmp_path_factory, name, make):
+    """A folder made once per test run by make(folder), whichever pytest-xdist worker asks first;
+    the others wait for it (a file lock) and read it as it is."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's temporary folder, above each worker's
+    folder = Path(root, name)
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / ".made").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(str(folder))
+            (folder / ".made").touch()
+    return str(folder)
 
 
 def read_failure(base):
@@ -121,27 +217,36 @@ def read_failure(base):
 
 @pytest.fixture(scope="session")
 def distilbert_dir(tmp_path_factory):
-    return tiny_pretrained.make_distilbert(str(tmp_path_factory.mktemp("distilbert")))
+    return shared_folder(tmp_path_factory, "distilbert", tiny_pretrained.make_distilbert)
 
 
 @pytest.fixture(scope="session")
 def bert_dir(tmp_path_factory):
-    return tiny_pretrained.make_bert(str(tmp_path_factory.mktemp("bert")))
+    return shared_folder(tmp_path_factory, "bert", tiny_pretrained.make_bert)
 
 
 @pytest.fixture(scope="session")
 def distilbert_job(tmp_path_factory, distilbert_dir):
-    """A finished job on the tiny DistilBERT: its /opt/ml tree and its `train` result (shared)."""
-    base = make_opt_ml(str(tmp_path_factory.mktemp("opt_ml")), {
-        "train": {"part-1.tsv.gz": gzipped(amazon_tsv(make_reviews(96, 1))),
-                  "part-2.tsv": amazon_tsv(make_reviews(40, 2))},
-        "validation": {"validation.tsv": amazon_tsv(make_reviews(24, 3))},
-        "test": {"test.tsv.gz": gzipped(amazon_tsv(make_reviews(30, 4)))},
-    }, {**FAST_HYPERPARAMETERS, "epochs": "2", "use_amp": "auto", "sagemaker_program": "ignored"},
-        input_modes={"validation": "FastFile"})  # a folder, as in File mode
-    result = run_train(base, distilbert_dir)
+    """A finished job on the tiny DistilBERT, with the profile report: its /opt/ml tree and its
+    `train` result (one per run, read by every test that uses it)."""
+    def train(folder):
+        base = make_opt_ml(os.path.join(folder, "opt_ml"), {
+            "train": {"part-1.tsv.gz": gzipped(amazon_tsv(make_reviews(96, 1))),
+                      "part-2.tsv": amazon_tsv(make_reviews(40, 2))},
+            "validation": {"validation.tsv": amazon_tsv(make_reviews(24, 3))},
+            "test": {"test.tsv.gz": gzipped(amazon_tsv(make_reviews(30, 4)))},
+        }, {**FAST_HYPERPARAMETERS, "epochs": "2", "use_amp": "auto", "enable_profiler": "true",
+            "sagemaker_program": "ignored"},
+            input_modes={"validation": "FastFile"})  # a folder, as in File mode
+        result = train_in_process(base, distilbert_dir)
+        with open(os.path.join(folder, "result.json"), "w") as f:
+            json.dump({"returncode": result.returncode, "stdout": result.stdout, "stderr": result.stderr}, f)
+
+    folder = shared_folder(tmp_path_factory, "distilbert_job", train)
+    with open(os.path.join(folder, "result.json")) as f:
+        result = subprocess.CompletedProcess([TRAIN], **json.load(f))
     assert result.returncode == 0, result.stderr[-3000:]
-    return base, result
+    return os.path.join(folder, "opt_ml"), result
 
 
 # The built CPU image, as CI builds it here: buildah from a local debootstrap base (no registry is

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from review_trainer.bias import (BiasConfig, analysis_json, check_config, post_training_report,
+from review_trainer.insights.bias import (BiasConfig, analysis_json, check_config, post_training_report,
                                  pre_training_report, summary_lines)
 
 CLASSES = ("1", "2", "3", "4", "5")

@@ -9,8 +9,8 @@ import tensorflow as tf
 from conftest import amazon_tsv, gzipped, make_reviews
 from review_trainer import data
 from review_trainer.data import sharding
-from review_trainer.errors import DataError
-from review_trainer.pretrained import ReviewTokenizer, open_checkpoint
+from review_trainer.contract.errors import DataError
+from review_trainer.model.pretrained import ReviewTokenizer, open_checkpoint
 
 SPEC = data.RowSpec("review_body", "star_rating", ("1", "2", "3", "4", "5"), 16)
 
@@ -380,6 +380,6 @@ def test_read_extras_gives_every_good_row_in_file_order_as_codes(tmp_path):
                                             ("three", 3, {"product_category": "Books"})]))
     write(channel_dir / "b.tsv", amazon_tsv([("four", 5, {"product_category": "Toys"})]))
     channel = data.scan_channel("test", str(channel_dir), EXTRAS, 0.5)
-    labels, [(codes, values)] = data.read_extras(channel, EXTRAS)
+    labels, [(codes, values)] = data.read_extras(channel)
     assert labels.dtype == codes.dtype == np.int32
     assert labels.tolist() == [0, 2, 4] and [values[c] for c in codes] == ["Toys", "Books", "Toys"]

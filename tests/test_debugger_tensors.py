@@ -1,4 +1,4 @@
-"""SageMaker Debugger's tensors (review_trainer.debugger_tensors): debughookconfig.json read as smdebug
+"""SageMaker Debugger's tensors (review_trainer.telemetry.debugger_tensors): debughookconfig.json read as smdebug
 reads it, and the files read back by smdebug's own reader (tests/smdebug_reader.py in .venv-smdebug;
 `make smdebug`, `make test` makes it: skipped without it here, failed in CI)."""
 
@@ -10,15 +10,17 @@ import numpy as np
 import pytest
 from conftest import REPO, require
 from local_mode import write_network_guard
-from review_trainer.debugger_tensors import JOB_TENSORS, DebuggerTensorWriter, HookConfig, SaveConfig
+from review_trainer.telemetry.debugger_tensors import JOB_TENSORS, DebuggerTensorWriter, HookConfig, SaveConfig
 
 SMDEBUG_PYTHON = os.path.join(REPO, ".venv-smdebug", "bin", "python")
 READER = os.path.join(REPO, "tests", "smdebug_reader.py")
 
 
-@pytest.fixture(autouse=True)
-def outside_sagemaker(monkeypatch):
-    monkeypatch.delenv("TRAINING_JOB_NAME", raising=False)
+SAGEMAKER_DEFAULT = "/opt/ml/output/tensors"  # where SageMaker's tensors go without a LocalPath
+
+
+def hook_config(content, default_local_path=SAGEMAKER_DEFAULT):
+    return HookConfig.from_json(content, default_local_path)
 
 
 def files_under(folder):
@@ -29,18 +31,18 @@ def files_under(folder):
 # debughookconfig.json
 
 def test_defaults_are_smdebugs_every_500_steps_into_opt_ml_output_tensors():
-    config = HookConfig.from_json({"S3OutputPath": "s3://bucket/debug"})
+    config = hook_config({"S3OutputPath": "s3://bucket/debug"})
     assert config.local_path == "/opt/ml/output/tensors" and config.include_workers == "one"
     # smdebug's TensorFlow hooks save these whatever the file says; nothing else without a CollectionConfiguration.
     assert set(config.collections) == {"losses", "metrics", "sm_metrics"}
     for collection in config.collections.values():
         assert collection.save_configs == dict.fromkeys(["TRAIN", "EVAL", "PREDICT", "GLOBAL"],
                                                         SaveConfig(500, 0, None, ()))
-    assert HookConfig.from_json({"HookParameters": None, "CollectionConfigurations": None}) == config
+    assert hook_config({"HookParameters": None, "CollectionConfigurations": None}) == config
 
 
 def test_string_values_and_collection_settings_over_hook_settings_per_mode():
-    config = HookConfig.from_json({
+    config = hook_config({
         "LocalPath": "/tmp/tensors",
         "HookParameters": {"save_interval": "10", "eval.save_interval": "1", "start_step": "5",
                            "include_workers": "all"},
@@ -67,7 +69,7 @@ def test_save_steps_start_and_end():
 
 
 def test_include_regex_puts_tensors_in_more_collections_and_save_all_in_every_one(tmp_path):
-    config = HookConfig.from_json({
+    config = hook_config({
         "LocalPath": str(tmp_path), "HookParameters": {"save_interval": "100"},
         "CollectionConfigurations": [{"CollectionName": "schedule", "CollectionParameters": {
             "include_regex": "learning_rate,^nothing$", "save_interval": "7"}}]})
@@ -77,29 +79,29 @@ def test_include_regex_puts_tensors_in_more_collections_and_save_all_in_every_on
     with open(tmp_path / "collections" / "000000000" / "worker_0_collections.json") as f:
         assert json.load(f)["collections"]["schedule"]["tensor_names"] == ["learning_rate"]
 
-    everything = HookConfig.from_json({"LocalPath": str(tmp_path / "all"),
+    everything = hook_config({"LocalPath": str(tmp_path / "all"),
                                        "HookParameters": {"save_all": "true", "save_interval": "2"}})
     assert everything.collections["all"].include_regex == (".*",)
     assert [s for s in range(5) if DebuggerTensorWriter(everything).should_save("learning_rate", s)] == [0, 2, 4]
     with pytest.raises(ValueError, match="true or false"):
-        HookConfig.from_json({"HookParameters": {"save_all": "yes"}})
+        hook_config({"HookParameters": {"save_all": "maybe"}})
 
 
 def test_a_collection_without_a_name_is_refused():
     with pytest.raises(ValueError, match="CollectionName"):
-        HookConfig.from_json({"CollectionConfigurations": [{"CollectionParameters": {"save_interval": "1"}}]})
+        hook_config({"CollectionConfigurations": [{"CollectionParameters": {"save_interval": "1"}}]})
 
 
 def test_local_path_defaults_to_the_jobs_own_output_folder():
-    config = HookConfig.from_json({"HookParameters": {"save_interval": "9"}}, "/base/output/tensors")
+    config = hook_config({"HookParameters": {"save_interval": "9"}}, "/base/output/tensors")
     assert config.local_path == "/base/output/tensors" and config.collections["losses"].save_configs["EVAL"] == SaveConfig(9)
-    assert HookConfig.from_json({"LocalPath": "/x"}, "/base/output/tensors").local_path == "/x"
+    assert hook_config({"LocalPath": "/x"}, "/base/output/tensors").local_path == "/x"
 
 
 # The writer
 
 def test_gradients_and_optimizer_variables_are_saved_in_training_only(tmp_path):
-    config = HookConfig.from_json({"LocalPath": str(tmp_path), "HookParameters": {"save_interval": "1"},
+    config = hook_config({"LocalPath": str(tmp_path), "HookParameters": {"save_interval": "1"},
                                    "CollectionConfigurations": [{"CollectionName": "gradients"},
                                                                 {"CollectionName": "optimizer_variables"}]})
     writer = DebuggerTensorWriter(config)
@@ -108,7 +110,7 @@ def test_gradients_and_optimizer_variables_are_saved_in_training_only(tmp_path):
 
 
 def test_a_global_step_is_one_step_of_one_mode(tmp_path):
-    config = HookConfig.from_json({"LocalPath": str(tmp_path), "HookParameters": {"save_interval": "1"}})
+    config = hook_config({"LocalPath": str(tmp_path), "HookParameters": {"save_interval": "1"}})
     writer = DebuggerTensorWriter(config)
     writer.write(0, {"loss": 1.0})
     with pytest.raises(ValueError, match="global step 0 .EVAL step 0. is not after the last one written, 0"):
@@ -117,13 +119,13 @@ def test_a_global_step_is_one_step_of_one_mode(tmp_path):
 
 
 def test_only_the_chief_writes_unless_every_worker_is_asked_for(tmp_path):
-    one = HookConfig.from_json({"LocalPath": str(tmp_path / "one"), "HookParameters": {"save_interval": "1"}})
+    one = hook_config({"LocalPath": str(tmp_path / "one"), "HookParameters": {"save_interval": "1"}})
     worker = DebuggerTensorWriter(one, worker="worker_1", num_workers=2)
     assert worker.write(0, {"loss": 1.0}) == []
     worker.close()
     assert not os.path.exists(tmp_path / "one")
 
-    every = HookConfig.from_json({"LocalPath": str(tmp_path / "all"),
+    every = hook_config({"LocalPath": str(tmp_path / "all"),
                                   "HookParameters": {"save_interval": "1", "include_workers": "all"}})
     worker = DebuggerTensorWriter(every, worker="worker_1", num_workers=2)
     worker.write(0, {"loss": 1.0})
@@ -134,9 +136,8 @@ def test_only_the_chief_writes_unless_every_worker_is_asked_for(tmp_path):
         assert json.load(f)["_meta"] == {"num_workers": 2}
 
 
-def test_no_end_marker_under_sagemaker_which_marks_the_end_itself(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRAINING_JOB_NAME", "job")
-    writer = DebuggerTensorWriter(HookConfig.from_json({"LocalPath": str(tmp_path)}))
+def test_no_end_marker_under_sagemaker_which_marks_the_end_itself(tmp_path):
+    writer = DebuggerTensorWriter(hook_config({"LocalPath": str(tmp_path)}), mark_end=False)
     writer.close()
     assert files_under(tmp_path) == ["collections/000000000/worker_0_collections.json"]
 
@@ -154,7 +155,7 @@ def test_records_are_tensorflow_events_where_the_index_points(tmp_path):
             return f.read()
 
     kernel = np.arange(6, dtype=np.float32).reshape(2, 3)
-    config = HookConfig.from_json({"LocalPath": str(tmp_path / "tensors"), "HookParameters": {"save_interval": "1"},
+    config = hook_config({"LocalPath": str(tmp_path / "tensors"), "HookParameters": {"save_interval": "1"},
                                    "CollectionConfigurations": [{"CollectionName": "weights"}]})
     writer = DebuggerTensorWriter(config, tensors={**JOB_TENSORS, "dense/kernel": "weights"})
     values = {"loss": 0.25, "accuracy": np.float32(0.5), "learning_rate": 0.1, "dense/kernel": kernel}
@@ -202,7 +203,7 @@ def eval_values(evaluation):
 def test_smdebugs_reader_reads_what_was_written(tmp_path):
     require("the smdebug venv (make smdebug)", os.path.isfile(os.path.join(REPO, ".venv-smdebug", ".installed")))
     out_dir = tmp_path / "tensors"
-    config = HookConfig.from_json({
+    config = hook_config({
         "S3OutputPath": "s3://bucket/debug-output", "LocalPath": str(out_dir),
         "HookParameters": {"save_interval": "2"},
         "CollectionConfigurations": [  # optimizer_variables left out: the learning rate is not written
@@ -267,10 +268,10 @@ def test_smdebugs_reader_reads_what_was_written(tmp_path):
 
 
 def test_the_tensor_hook_counts_mode_steps_and_one_global_clock_also_after_a_resume(tmp_path):
-    from review_trainer.debugger_tensors import TensorHook
-    from review_trainer.training_loop import StepResult
+    from review_trainer.telemetry.debugger_tensors import TensorHook
+    from review_trainer.training.loop import StepResult
 
-    config = HookConfig.from_json({"LocalPath": str(tmp_path), "HookParameters": {"save_interval": "1"},
+    config = hook_config({"LocalPath": str(tmp_path), "HookParameters": {"save_interval": "1"},
                                    "CollectionConfigurations": [{"CollectionName": "gradients"}]})
     written = []
 
@@ -294,7 +295,7 @@ def test_the_tensor_hook_counts_mode_steps_and_one_global_clock_also_after_a_res
 
 def test_a_save_interval_below_one_is_refused():
     with pytest.raises(ValueError, match="save_interval must be at least 1"):
-        HookConfig.from_json({"HookParameters": {"save_interval": "0"}})
+        hook_config({"HookParameters": {"save_interval": "0"}})
 
 
 # A whole job, configured by the book's Estimator code
@@ -322,7 +323,7 @@ print(json.dumps(_TrainingJob._get_train_args(estimator, inputs=None, experiment
 
 
 def test_a_job_with_the_books_debugger_config_writes_what_smdebug_reads(tmp_path, distilbert_dir):
-    from conftest import FAST_HYPERPARAMETERS, amazon_tsv, make_opt_ml, make_reviews, run_train
+    from conftest import FAST_HYPERPARAMETERS, amazon_tsv, make_opt_ml, make_reviews, train_in_process
 
     sdk_python = os.path.join(REPO, ".venv-sagemaker-v2", "bin", "python")
     require("the SageMaker SDK v2 venv (make sagemaker-v2)", os.path.isfile(sdk_python))
@@ -344,7 +345,7 @@ def test_a_job_with_the_books_debugger_config_writes_what_smdebug_reads(tmp_path
         {**FAST_HYPERPARAMETERS, "epochs": "2", "enable_tensorboard": "true", "log_every_n_steps": "1"})
     with open(os.path.join(base, "input", "config", "debughookconfig.json"), "w") as f:
         json.dump(hook_config, f)
-    result = run_train(base, distilbert_dir)
+    result = train_in_process(base, distilbert_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     tensors_dir = os.path.join(base, "output", "tensors")  # no LocalPath in the request: SageMaker's default
     assert f"debugger_tensors={tensors_dir} " in result.stdout

@@ -10,8 +10,8 @@ import time
 
 import numpy as np
 import pytest
-from review_trainer import explanations
-from review_trainer.explanations import explain, explain_safely, summarize, tokenize, write
+from review_trainer.insights import explanations
+from review_trainer.insights.explanations import explain, explain_safely, summarize, tokenize, write
 
 CLASSES = ["negative", "positive"]
 WEIGHTS = {"great": 0.2, "awful": -0.3, "!": 0.05, "but": -0.02, "good": 0.1, "bad": -0.15, "don't": -0.04}

@@ -18,17 +18,13 @@ import re
 import keras
 import numpy as np
 import pytest
-from conftest import (
-    FAST_HYPERPARAMETERS,
-    amazon_tsv,
-    make_opt_ml,
-    make_reviews,
-    run_train,
-)
-from review_trainer import checkpointing, data, frozen_encoder
-from review_trainer.hyperparameters import Hyperparameters
-from review_trainer.model import ENCODER_OUTPUT, build_classifier_parts
-from review_trainer.pretrained import ReviewTokenizer, load_backbone, open_checkpoint
+from conftest import FAST_HYPERPARAMETERS, amazon_tsv, make_opt_ml, make_reviews, run_train, train_in_process
+from review_trainer import data
+from review_trainer.contract.hyperparameters import Hyperparameters
+from review_trainer.model import frozen_encoder
+from review_trainer.model.classifier import ENCODER_OUTPUT, build_classifier_parts
+from review_trainer.model.pretrained import ReviewTokenizer, load_backbone, open_checkpoint
+from review_trainer.training import checkpoints
 from test_distributed import run_on_two_cpu_devices
 from test_pipe_mode import job_data, metric_lines, run_pipe_job
 
@@ -67,7 +63,7 @@ def test_a_frozen_encoder_runs_in_inference_mode_even_in_a_training_call(distilb
     x = inputs(4)
     first, second = (np.asarray(parts.encoder(x, training=True)) for _ in range(2))
     np.testing.assert_array_equal(first, second)
-    np.testing.assert_allclose(first, independent_encoder_output(backbone, head, **x), atol=1e-6)
+    np.testing.assert_allclose(first, independent_encoder_output(backbone, head, **x), atol=1e-6, equal_nan=False)
     # The same backbone trainable: dropout is on in a training call, so the check above can fail.
     trainable = build_classifier_parts(load_backbone(open_checkpoint(distilbert_dir)), 5, MAX_LENGTH, head=head)
     assert not np.allclose(np.asarray(trainable.encoder(x, training=True)), np.asarray(trainable.encoder(x, training=True)))
@@ -79,7 +75,7 @@ def test_the_head_on_the_encoders_output_is_the_classifier(request, checkpoint, 
     parts, _ = frozen_classifier(request.getfixturevalue(checkpoint), head)
     x = inputs(3)
     np.testing.assert_allclose(np.asarray(parts.head({ENCODER_OUTPUT: parts.encoder(x)})), np.asarray(parts.model(x)),
-                               atol=1e-6)
+                               atol=1e-6, equal_nan=False)
     # The head trains the classifier's own variables, and with the encoder frozen all of its trainable ones.
     assert [id(v) for v in parts.head.trainable_variables] == [id(v) for v in parts.model.trainable_variables]
     assert len(parts.model.trainable_variables) >= 2 and not parts.encoder.trainable_variables
@@ -124,7 +120,7 @@ def test_every_cached_review_is_the_encoders_inference_output_and_later_passes_r
 
     for key, (ids, mask) in reviews.items():
         expected = independent_encoder_output(backbone, head, ids[None], mask[None])[0]
-        np.testing.assert_allclose(cache.store.row(cache.rows[key]), expected, atol=1e-5)
+        np.testing.assert_allclose(cache.store.row(cache.rows[key]), expected, atol=1e-5, equal_nan=False)
     # What the stage gave the head, batch by batch, at the batch's own width
     widths = set()
     for (features, _), (cached, _) in zip(passes[0].concatenate(passes[1]), batches, strict=True):
@@ -135,7 +131,7 @@ def test_every_cached_review_is_the_encoders_inference_output_and_later_passes_r
         expected = independent_encoder_output(backbone, head, full_ids, full_mask)
         if head == "bilstm":
             expected = expected[:, :ids.shape[1]]
-        np.testing.assert_allclose(cached[ENCODER_OUTPUT].numpy(), expected, atol=1e-5)
+        np.testing.assert_allclose(cached[ENCODER_OUTPUT].numpy(), expected, atol=1e-5, equal_nan=False)
     assert len(widths) > 1  # length buckets: the cache served batches of several widths
 
 
@@ -172,12 +168,12 @@ def test_past_the_memory_bound_reviews_go_to_an_unlinked_spill_file_and_past_its
         pad = ((0, 0), (0, MAX_LENGTH - ids.shape[1]))
         expected = independent_encoder_output(backbone, "bilstm", np.pad(ids, pad, constant_values=tokenizer.pad_id),
                                               np.pad(mask, pad))[:, :ids.shape[1]]
-        np.testing.assert_allclose(cached[ENCODER_OUTPUT].numpy(), expected, atol=1e-5)
+        np.testing.assert_allclose(cached[ENCODER_OUTPUT].numpy(), expected, atol=1e-5, equal_nan=False)
     for ids, mask in distinct_reviews(tokenizer).values():  # the rows in the spill file
         number = cache.rows.get(frozen_encoder.review_key(ids, mask))
         if number is not None:
             np.testing.assert_allclose(cache.store.row(number), independent_encoder_output(
-                backbone, "bilstm", ids[None], mask[None])[0], atol=1e-5)
+                backbone, "bilstm", ids[None], mask[None])[0], atol=1e-5, equal_nan=False)
     cache.close()
 
 
@@ -202,7 +198,7 @@ def test_cache_frozen_encoder_is_a_boolean_hyperparameter():
     assert Hyperparameters.from_dict({"cache_frozen_encoder": "False"}).cache_frozen_encoder is False
     with pytest.raises(Exception, match="cache_frozen_encoder='sometimes': expected true or false"):
         Hyperparameters.from_dict({"cache_frozen_encoder": "sometimes"})
-    assert "cache_frozen_encoder" not in checkpointing.TRAJECTORY_HYPERPARAMETERS  # a resume may change it
+    assert "cache_frozen_encoder" not in checkpoints.TRAJECTORY_HYPERPARAMETERS  # a resume may change it
 
 
 # The job: cached and uncached frozen runs end alike
@@ -214,16 +210,17 @@ def frozen_job(base, pretrained_dir, head, cache, backend="tensorflow"):
     }, {**FAST_HYPERPARAMETERS, "epochs": "3", "freeze_bert_layer": "true", "head": head,
         "cache_frozen_encoder": cache, "enable_checkpointing": "true", "run_sample_predictions": "false",
         "backend": backend})
-    result = run_train(base, pretrained_dir)
+    # JAX needs a process of its own: Keras fixes its backend when first imported
+    result = (run_train if backend == "jax" else train_in_process)(base, pretrained_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
 
 def final_state(base):
-    saved = checkpointing.CheckpointStore(os.path.join(base, "checkpoints"), keep=2).latest()
-    with open(os.path.join(saved.path, checkpointing.MANIFEST_FILE)) as f:
+    saved = checkpoints.CheckpointStore(os.path.join(base, "checkpoints"), keep=2).latest()
+    with open(os.path.join(saved.path, checkpoints.MANIFEST_FILE)) as f:
         paths = [path for path, _ in json.load(f)["variables"]]
-    with np.load(os.path.join(saved.path, checkpointing.STATE_FILE)) as arrays:
+    with np.load(os.path.join(saved.path, checkpoints.STATE_FILE)) as arrays:
         return saved.global_step, {path: arrays[f"arr_{i}"] for i, path in enumerate(paths)}
 
 
@@ -254,7 +251,7 @@ def test_the_cached_frozen_job_ends_with_the_uncached_jobs_weights_and_metrics(t
     uncached_step, uncached = final_state(tmp_path / "uncached")
     assert step == uncached_step == 36 and cached.keys() == uncached.keys()
     for path, expected in uncached.items():
-        np.testing.assert_allclose(cached[path], expected, atol=1e-5, rtol=0, err_msg=path)
+        np.testing.assert_allclose(cached[path], expected, atol=1e-5, rtol=0, err_msg=path, equal_nan=False)
 
     # The frozen encoder's weights are still the pretrained ones (the checkpoint lists the model's
     # variables first, in the order of a model built the same way; names differ between processes).
@@ -281,7 +278,7 @@ def test_with_two_replicas_the_cached_job_ends_with_the_one_device_weights(tmp_p
         base = make_opt_ml(str(tmp_path / name), {"train": {"part-1.tsv": amazon_tsv(make_reviews(108, 21))}}, {
             **FAST_HYPERPARAMETERS, "epochs": "2", "freeze_bert_layer": "true", "enable_checkpointing": "true",
             "run_sample_predictions": "false", **hyperparameters})
-        result = run_on_two_cpu_devices(base, pretrained) if name == "two" else run_train(base, pretrained)
+        result = run_on_two_cpu_devices(base, pretrained) if name == "two" else train_in_process(base, pretrained)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "frozen_encoder_cache=on" in result.stdout and "frozen_encoder_cache epoch=2 encoded=0 " in result.stdout
         states.append(final_state(base))
@@ -289,7 +286,7 @@ def test_with_two_replicas_the_cached_job_ends_with_the_one_device_weights(tmp_p
     assert step == two_step == 14 and one.keys() == two.keys()
     for path, expected in one.items():
         if not path.startswith("adam/"):
-            np.testing.assert_allclose(two[path], expected, rtol=1e-5, atol=1e-6, err_msg=path)
+            np.testing.assert_allclose(two[path], expected, rtol=1e-5, atol=1e-6, err_msg=path, equal_nan=False)
 
 
 def test_a_pipe_mode_cached_job_gives_the_uncached_file_mode_metrics(tmp_path, distilbert_dir):
@@ -299,7 +296,7 @@ def test_a_pipe_mode_cached_job_gives_the_uncached_file_mode_metrics(tmp_path, d
     hyperparameters = {**FAST_HYPERPARAMETERS, "epochs": "2", "run_sample_predictions": "false",
                        "freeze_bert_layer": "true"}
     file_base = make_opt_ml(str(tmp_path / "file"), channels, {**hyperparameters, "cache_frozen_encoder": "false"})
-    file_result = run_train(file_base, distilbert_dir)
+    file_result = train_in_process(file_base, distilbert_dir)
     assert file_result.returncode == 0, file_result.stderr[-3000:]
     pipe_base = make_opt_ml(str(tmp_path / "pipe"), channels, hyperparameters)
     result = run_pipe_job(pipe_base, distilbert_dir, channels, "RecordIO", {"train": 2, "validation": 2, "test": 1})

@@ -1,6 +1,6 @@
 import pytest
-from review_trainer.errors import HyperparameterError
-from review_trainer.hyperparameters import AUTO, Hyperparameters
+from review_trainer.contract.errors import HyperparameterError
+from review_trainer.contract.hyperparameters import AUTO, Hyperparameters
 
 
 def test_sagemaker_strings_are_parsed_by_type():

@@ -15,6 +15,9 @@ import time
 import pytest
 from conftest import IMAGE, PODMAN, PODMAN_RUN, REPO
 
+# pytest-xdist: the built image (conftest.built_image) and docker/weights/ci-tiny: one worker builds and runs it
+pytestmark = pytest.mark.xdist_group("image")
+
 BIN = os.path.dirname(sys.executable)
 
 
@@ -327,30 +330,36 @@ def test_a_malformed_fixture_fails_with_the_failure_file_and_exit_code(built_ima
 
 def test_podman_stop_checkpoints_and_a_rerun_resumes(built_image, tmp_path):
     from conftest import amazon_tsv, make_opt_ml, make_reviews, read_failure
+    from injection import HOLDING, hold_step
     from test_spot_training import SPOT_HYPERPARAMETERS
 
     base = make_opt_ml(str(tmp_path / "opt_ml"), {"train": {"t.tsv": amazon_tsv(make_reviews(400))}},
                        {**SPOT_HYPERPARAMETERS, "run_validation": "false"})
     with open(os.path.join(base, "input", "config", "checkpointconfig.json"), "w") as f:
         json.dump({"LocalPath": "/opt/ml/checkpoints"}, f)
+    # Step 5 is held until the signal has arrived (injection.HOLD_STEP, mounted into the container)
+    hold = hold_step(str(tmp_path / "inject"), 5)
     name = f"review-trainer-stop-{os.getpid()}"
-    started = podman("-d", "--name", name, "-v", f"{base}:/opt/ml", IMAGE, "train")
+    started = podman("-d", "--name", name, "-v", f"{base}:/opt/ml", "-v", f"{tmp_path / 'inject'}:/inject:ro",
+                     "-e", "PYTHONPATH=/inject", "-e", f"REVIEW_TRAINER_TEST_HOLD_STEP={hold['REVIEW_TRAINER_TEST_HOLD_STEP']}",
+                     "-e", "PYTHONUNBUFFERED=1", IMAGE, "train")
     assert started.returncode == 0, started.stderr
     try:
-        deadline = time.monotonic() + 300
-        while "epoch=1 step=5 " not in subprocess.run([*PODMAN, "logs", name], capture_output=True,
-                                                       text=True).stdout:
-            assert time.monotonic() < deadline, "training did not start"
-            time.sleep(1)
-        stop_started = time.monotonic()
-        subprocess.run([*PODMAN, "stop", "-t", "60", name], check=True, capture_output=True)
-        stop_seconds = time.monotonic() - stop_started
+        logs = ""
+        while HOLDING.format(step=5) not in logs:
+            state = subprocess.run([*PODMAN, "inspect", "--format", "{{.State.Running}}", name], capture_output=True,
+                                   text=True).stdout.strip()
+            assert state == "true", logs[-3000:]  # it ended without reaching step 5
+            logs = subprocess.run([*PODMAN, "logs", name], capture_output=True, text=True).stdout
+            time.sleep(0.5)
+        # A stop is SIGTERM, then SIGKILL after the timeout: exit code 143 says the trainer, PID 1, handled it
+        subprocess.run([*PODMAN, "stop", "-t", "300", name], check=True, capture_output=True)
         exit_code = subprocess.run([*PODMAN, "inspect", "--format", "{{.State.ExitCode}}", name],
                                    capture_output=True, text=True).stdout.strip()
     finally:
         subprocess.run([*PODMAN, "rm", "-f", name], capture_output=True)
-    assert exit_code == "143" and stop_seconds < 30  # the trainer itself, as PID 1, handled SIGTERM
-    assert read_failure(base).startswith("Stopped: the job received SIGTERM at step ")
+    assert exit_code == "143"
+    assert read_failure(base).startswith("Stopped: the job received SIGTERM at step 5 of ")
     assert [n for n in os.listdir(os.path.join(base, "checkpoints")) if n.startswith("step-")]
     rerun = podman("--rm", "-v", f"{base}:/opt/ml", IMAGE, "train")
     assert rerun.returncode == 0, rerun.stderr[-2000:]

@@ -1,16 +1,19 @@
-"""Explanations and bias in the job (insights.py): a fixture in the Amazon TSV schema whose
+"""Explanations and bias in the job (insights/reports.py): a fixture in the Amazon TSV schema whose
 product_category skews the labels on purpose, the reports checked against direct computations."""
 
 import json
 import os
 import re
-import subprocess
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import FAST_HYPERPARAMETERS, TRAIN, amazon_tsv, make_opt_ml, make_reviews, read_failure, train_env
-from review_trainer.pretrained import ReviewTokenizer, open_checkpoint
+from conftest import FAST_HYPERPARAMETERS, amazon_tsv, make_opt_ml, make_reviews, read_failure, train_in_process
+from review_trainer.model.pretrained import ReviewTokenizer, open_checkpoint
+
+# pytest-xdist: the module's job, made once
+pytestmark = pytest.mark.xdist_group("insights")
 
 # (category, reviews, of which rated 4 or 5): Books skewed positive, Toys negative, Music even
 TRAIN_MIX = (("Books", 40, 32), ("Toys", 30, 9), ("Music", 30, 15))
@@ -42,7 +45,7 @@ def insight_job(tmp_path_factory, distilbert_dir):
         "test": {"test.tsv": amazon_tsv(test_rows)}},
         {**FAST_HYPERPARAMETERS, "bias_facet": "product_category", "explain_samples": "4",
          "explain_max_seconds": "600"})
-    result = subprocess.run([TRAIN], env=train_env(base, distilbert_dir), capture_output=True, text=True, timeout=900)
+    result = train_in_process(base, distilbert_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     return base, result, test_rows
 
@@ -109,42 +112,35 @@ def test_explanations_add_up_to_the_models_probabilities(insight_job, distilbert
     assert re.search(r"^explanations reviews=4 seconds=\S+ seconds_per_review=", result.stdout, re.M)
 
 
-def test_an_unknown_facet_column_fails_at_the_scan_naming_it(tmp_path, distilbert_dir):
+def test_an_unknown_facet_column_fails_at_the_scan_naming_it(tmp_path, distilbert_dir, run_in_process):
     base = make_opt_ml(str(tmp_path), {"train": {"train.tsv": amazon_tsv(make_reviews(16))}},
                        {**FAST_HYPERPARAMETERS, "bias_facet": "category"})
-    result = subprocess.run([TRAIN], env=train_env(base, distilbert_dir), capture_output=True, text=True, timeout=600)
+    result = run_in_process(base, distilbert_dir)
     assert result.returncode == 3, result.stderr[-2000:]
     assert re.match(r"DataError: .*train\.tsv: no column 'category'; its columns are .*product_category.*"
                     r"Set text_column / label_column / bias_facet / bias_group", read_failure(base))
 
 
-def test_facet_values_not_in_the_data_fail_at_the_start(tmp_path, distilbert_dir):
+def test_facet_values_not_in_the_data_fail_at_the_start(tmp_path, distilbert_dir, run_in_process):
     base = make_opt_ml(str(tmp_path), {"train": {"train.tsv": amazon_tsv(make_reviews(16))}},
                        {**FAST_HYPERPARAMETERS, "bias_facet": "product_category", "bias_facet_values": "Toys"})
-    result = subprocess.run([TRAIN], env=train_env(base, distilbert_dir), capture_output=True, text=True, timeout=600)
+    result = run_in_process(base, distilbert_dir)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Toys" in read_failure(base) and "Books" in read_failure(base)  # what was asked for, what there is
     assert "training: " not in result.stdout
 
 
-# A bias report that breaks in the job's own process (sitecustomize): the model is still published.
-BROKEN_BIAS = '''
-from review_trainer import bias
-def _broken(*args, **kwargs):
-    raise RuntimeError("broken on purpose")
-bias.post_training_report = _broken
-'''
+def test_a_failure_in_the_reports_is_written_down_and_the_job_still_succeeds(tmp_path, distilbert_dir, monkeypatch):
+    from review_trainer.insights import bias
 
+    def broken(*args, **kwargs):
+        raise RuntimeError("broken on purpose")
 
-def test_a_failure_in_the_reports_is_written_down_and_the_job_still_succeeds(tmp_path, distilbert_dir):
-    (tmp_path / "inject").mkdir()
-    (tmp_path / "inject" / "sitecustomize.py").write_text(BROKEN_BIAS)
+    monkeypatch.setattr(bias, "post_training_report", broken)  # the job runs in this process
     base = make_opt_ml(str(tmp_path / "opt_ml"), {"train": {"train.tsv": amazon_tsv(skewed_reviews(TRAIN_MIX, 8))},
                                                   "test": {"test.tsv": amazon_tsv(skewed_reviews(TRAIN_MIX, 9)[:20])}},
                        {**FAST_HYPERPARAMETERS, "bias_facet": "product_category", "explain_samples": "0"})
-    env = train_env(base, distilbert_dir, PYTHONPATH=os.pathsep.join(
-        [str(tmp_path / "inject"), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    result = subprocess.run([TRAIN], env=env, capture_output=True, text=True, timeout=600)
+    result = train_in_process(base, distilbert_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "bias report failed (the model is published): RuntimeError: broken on purpose" in result.stdout
     with open(os.path.join(base, "output", "data", "bias", "analysis.json")) as f:
@@ -153,17 +149,17 @@ def test_a_failure_in_the_reports_is_written_down_and_the_job_still_succeeds(tmp
     assert not os.path.exists(os.path.join(base, "output", "data", "explanations"))  # explain_samples=0
 
 
-# Units of insights.py, without a job: the bias report's alignment of the test rows with the
+# Units of insights/reports.py, without a job: the bias report's alignment of the test rows with the
 # evaluation, the settings' checks on every host alike, and the batched probability function.
 
 def hyperparameters(**values):
-    from review_trainer.hyperparameters import Hyperparameters
+    from review_trainer.contract.hyperparameters import Hyperparameters
 
     return Hyperparameters.from_dict({"bias_facet": "product_category", **values})
 
 
 def test_the_bias_report_lines_the_test_rows_up_with_the_evaluation_even_when_it_wraps_around(tmp_path):
-    from review_trainer import insights
+    from review_trainer.insights import reports
 
     train_sample = [(4, "Books"), (0, "Books"), (3, "Toys"), (1, "Toys")]
     # The test channel: 4 rows; the evaluation (test_steps) read 6, rows 0 and 1 again
@@ -172,7 +168,7 @@ def test_the_bias_report_lines_the_test_rows_up_with_the_evaluation_even_when_it
     evaluated = np.array([4, 0, 3, 1, 4, 0])
     predicted = np.array([4, 4, 0, 0, 3, 0])  # positive (4 or 5 stars): Books 3 of 4, Toys 0 of 2
     lines = []
-    insights.write_bias_report(hyperparameters(), train_sample, (lambda: (row_labels, [(codes, categories)]),
+    reports.write_bias_report(hyperparameters(), train_sample, (lambda: (row_labels, [(codes, categories)]),
                                                                    evaluated, predicted), str(tmp_path), lines.append)
     with open(tmp_path / "bias" / "analysis.json") as f:
         analysis = json.load(f)
@@ -185,7 +181,7 @@ def test_the_bias_report_lines_the_test_rows_up_with_the_evaluation_even_when_it
 
     # Rows that do not match the evaluation's labels: written down as an error, never a wrong report
     lines.clear()
-    insights.write_bias_report(hyperparameters(), train_sample, (lambda: (row_labels, [(codes, categories)]),
+    reports.write_bias_report(hyperparameters(), train_sample, (lambda: (row_labels, [(codes, categories)]),
                                                                    evaluated[::-1], predicted), str(tmp_path), lines.append)
     with open(tmp_path / "bias" / "analysis.json") as f:
         assert "not in the evaluation's order" in json.load(f)["error"]
@@ -202,37 +198,48 @@ class TwoHosts:
         return np.asarray(values) + np.asarray(self.other_values)
 
 
-def scanned_train(values):
+def scanned_train(values, own_files=False):
+    """Channels whose train channel was scanned with the facet: one review of class 0 per value."""
+    from review_trainer.data.channels import ScannedChannel
     from review_trainer.data.scan import ChannelSummary, ValueCounts
 
     counts = ValueCounts()
     for value in values:
         counts.add(value)
-    return {"train": ChannelSummary("train", [], [(0, value) for value in values], (counts,))}
+    summary = ChannelSummary("train", [], sample=[(0, value) for value in values], extra_values=(counts,))
+    return SimpleNamespace(train=ScannedChannel("train", own_files, summary), test=None)
+
+
+def streamed_train():
+    """Channels whose train channel is in Pipe mode (not scanned), and no test channel."""
+    from review_trainer.data.channels import PipeChannel
+    from review_trainer.data.pipe import Fifos
+
+    return SimpleNamespace(train=PipeChannel("train", False, Fifos("train", "/fifo", "None")), test=None)
 
 
 def test_facet_settings_are_decided_alike_on_every_host_of_a_sharded_channel():
-    from review_trainer.errors import HyperparameterError
-    from review_trainer.insights import check_settings
+    from review_trainer.contract.errors import HyperparameterError
+    from review_trainer.insights.reports import check_settings
 
     hp = hyperparameters(bias_facet_values="Toys")
     # ShardedByS3Key: Toys only in the other host's files. The sum says 3 rows: both hosts go on.
     lines = []
-    check_settings(hp, scanned_train(["Books"] * 5), {}, TwoHosts(True, [3, 0, 0]), True, lines.append)
-    check_settings(hp, scanned_train(["Toys"] * 3), {}, TwoHosts(False, [0, 1, 0]), True, print)
+    check_settings(hp, scanned_train(["Books"] * 5, own_files=True), TwoHosts(True, [3, 0, 0]), lines.append)
+    check_settings(hp, scanned_train(["Toys"] * 3, own_files=True), TwoHosts(False, [0, 1, 0]), print)
     assert lines == ["bias facet=product_category sensitive=Toys positive_labels=4,5 group=none train_sample_rows=5 "
                      "of 0 (the chief's files only: ShardedByS3Key)"]
     # In neither host's files: both fail, naming what was asked for and what there is
     for topology in (TwoHosts(True, [0, 0, 0]), TwoHosts(False, [0, 1, 0])):
         with pytest.raises(HyperparameterError, match=r"bias facet value\(s\) Toys not found in column product_"
                                                        r"category; values seen: Books"):
-            check_settings(hp, scanned_train(["Books"] * 5), {}, topology, True, print)
+            check_settings(hp, scanned_train(["Books"] * 5, own_files=True), topology, print)
 
 
 def test_a_facet_with_too_many_values_and_no_sensitive_group_fails_naming_the_setting(monkeypatch):
     from review_trainer.data import scan
-    from review_trainer.errors import HyperparameterError
-    from review_trainer.insights import MAX_FACET_VALUES, check_settings
+    from review_trainer.contract.errors import HyperparameterError
+    from review_trainer.insights.reports import MAX_FACET_VALUES, check_settings
 
     class OneHost:
         is_chief, num_workers = True, 1
@@ -240,63 +247,83 @@ def test_a_facet_with_too_many_values_and_no_sensitive_group_fails_naming_the_se
         def sum_over_workers(self, values):
             return np.asarray(values)
 
-    check_settings(hyperparameters(), scanned_train([f"v{i}" for i in range(MAX_FACET_VALUES)]), {}, OneHost(), False, print)
+    check_settings(hyperparameters(), scanned_train([f"v{i}" for i in range(MAX_FACET_VALUES)]), OneHost(), print)
     with pytest.raises(HyperparameterError, match=rf"bias_facet product_category has {MAX_FACET_VALUES + 1} values in "
                                                   r"the train channel, .* name the sensitive group with bias_facet_values"):
-        check_settings(hyperparameters(), scanned_train([f"v{i}" for i in range(MAX_FACET_VALUES + 1)]), {}, OneHost(),
-                       False, print)
+        check_settings(hyperparameters(), scanned_train([f"v{i}" for i in range(MAX_FACET_VALUES + 1)]), OneHost(),
+                       print)
     monkeypatch.setattr(scan, "MAX_DISTINCT_VALUES", 10)  # an ID-like column: values beyond the count's bound
     with pytest.raises(HyperparameterError, match=r"has 10\+ values"):
-        check_settings(hyperparameters(), scanned_train([f"id{i}" for i in range(11)]), {}, OneHost(), False, print)
+        check_settings(hyperparameters(), scanned_train([f"id{i}" for i in range(11)]), OneHost(), print)
     # With the sensitive group named, any number of other values is fine
-    check_settings(hyperparameters(bias_facet_values="id3"), scanned_train([f"id{i}" for i in range(11)]), {},
-                   OneHost(), False, print)
+    check_settings(hyperparameters(bias_facet_values="id3"), scanned_train([f"id{i}" for i in range(11)]),
+                   OneHost(), print)
     # Pipe mode: no scan, no sample; said, and no check
     lines = []
-    check_settings(hyperparameters(), {}, {"train": object()}, OneHost(), False, lines.append)
+    check_settings(hyperparameters(), streamed_train(), OneHost(), lines.append)
     assert lines == ["bias report skipped: the train channel is in Pipe mode (read once and not scanned)"]
 
 
 def test_the_probability_function_cuts_batches_to_a_length_bucket_and_pads_them_to_a_row_bucket(distilbert_dir, monkeypatch):
     import keras
-    from review_trainer import insights, training_steps
-    from review_trainer.model import build_classifier
-    from review_trainer.pretrained import load_backbone
+    from review_trainer.insights import reports
+    from review_trainer.model import inference
+    from review_trainer.model.classifier import build_classifier
+    from review_trainer.model.pretrained import load_backbone
 
     tokenizer = ReviewTokenizer(open_checkpoint(distilbert_dir), 32)
     model = build_classifier(load_backbone(open_checkpoint(distilbert_dir)), 5, 32)
-    shapes, compiled = [], training_steps.compiled_inference
+    shapes, compiled = [], inference.compiled_inference
 
     def recording(model, outputs):
         forward = compiled(model, outputs)
         return lambda features: shapes.append(features["token_ids"].shape) or forward(features)
 
-    monkeypatch.setattr(training_steps, "compiled_inference", recording)
+    monkeypatch.setattr(inference, "compiled_inference", recording)
     texts = [f"review {i} " + "good " * (i % 9) for i in range(70)] + ["long " * 40]
-    probabilities = insights.probability_function(model, tokenizer)(texts)
+    probabilities = reports.probability_function(model, tokenizer)(texts)
     ids, mask = tokenizer(texts)  # the full max_seq_length input, as served
     logits = model({"token_ids": ids, "padding_mask": mask}, training=False)
-    np.testing.assert_allclose(probabilities, keras.ops.convert_to_numpy(keras.ops.softmax(logits)), atol=1e-5)
+    np.testing.assert_allclose(probabilities, keras.ops.convert_to_numpy(keras.ops.softmax(logits)), atol=1e-5,
+                               equal_nan=False)
     # The first batch: 64 rows, its longest review (10 words) fits the 16-token bucket; the last: 7
     # reviews padded to the 8-row bucket, the 40-word one among them taking all 32 tokens
     assert shapes == [(64, 16), (8, 32)]
 
 
+class FakeClock:
+    """Time that passes only when a test says so: a model call "takes" what the test gives it."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+    def model(self, seconds_per_call):
+        """A predict_proba whose n-th call takes seconds_per_call(n) on this clock."""
+        calls = []
+
+        def predict_proba(texts):
+            self.now += seconds_per_call(len(calls))
+            calls.append(len(texts))
+            return np.tile([0.1, 0.2, 0.3, 0.2, 0.2], (len(texts), 1))
+
+        return predict_proba
+
+
 def test_explanations_stop_at_their_time_budget_after_a_whole_review(tmp_path):
-    import time
+    from review_trainer.insights import reports
 
-    from review_trainer import insights
+    assert reports.explain_budget("auto", 1000.0) == (40.0, "auto: 4% of the job's 1000 s, at least 15 s")
+    assert reports.explain_budget("auto", 100.0)[0] == 15.0
+    assert reports.explain_budget(90, 400.0) == (90.0, "explain_max_seconds")
 
-    assert insights.explain_budget("auto", 1000.0) == (40.0, "auto: 4% of the job's 1000 s, at least 15 s")
-    assert insights.explain_budget("auto", 100.0)[0] == 15.0
-    assert insights.explain_budget(90, 400.0) == (90.0, "explain_max_seconds")
-
-    def slow(texts):  # 0.1 s a call: a review of three words takes a few calls
-        time.sleep(0.1)
-        return np.tile([0.1, 0.2, 0.3, 0.2, 0.2], (len(texts), 1))
-
+    clock = FakeClock()
+    slow = clock.model(lambda call: 0.1)  # 0.1 s a call: a review of three words takes a few calls
     lines, texts = [], [f"review number {i}" for i in range(20)]
-    insights.write_explanations(texts, slow, tuple("12345"), str(tmp_path), lines.append, budget=(0.5, "test"))
+    reports.write_explanations(texts, slow, tuple("12345"), str(tmp_path), lines.append, budget=(0.5, "test"),
+                               clock=clock)
     with open(tmp_path / "explanations" / "summary.json") as f:
         summary = json.load(f)
     with open(tmp_path / "explanations" / "explanations.jsonl") as f:
@@ -307,29 +334,21 @@ def test_explanations_stop_at_their_time_budget_after_a_whole_review(tmp_path):
     assert any(line.startswith(f"explanations stopped after {len(records)} of 20 reviews: their time budget, 0 s (test)")
                for line in lines)
     # No budget, or one not reached: every review
-    insights.write_explanations(texts[:3], slow, tuple("12345"), str(tmp_path), lines.append, budget=(600, "test"))
+    reports.write_explanations(texts[:3], slow, tuple("12345"), str(tmp_path), lines.append, budget=(600, "test"),
+                               clock=clock)
     with open(tmp_path / "explanations" / "summary.json") as f:
         summary = json.load(f)
     assert summary["reviews"] == 3 and summary["cut_short_by_budget"] is False
 
 
 def test_the_explainers_warm_up_is_not_taken_for_a_reviews_time(tmp_path):
-    import time
+    from review_trainer.insights import reports
 
-    from review_trainer import insights
-
-    calls = []
-
-    def compiling_first(texts):  # the first call compiles (2 s), the others take 10 ms
-        time.sleep(2.0 if not calls else 0.01)
-        calls.append(len(texts))
-        return np.tile([0.1, 0.2, 0.3, 0.2, 0.2], (len(texts), 1))
-
-    from review_trainer import explanations
-
-    explanations.explain(["compile numba"], lambda texts: np.full((len(texts), 2), 0.5), ["a", "b"])  # once a process
+    clock = FakeClock()
+    compiling_first = clock.model(lambda call: 2.0 if call == 0 else 0.01)  # the first call compiles (2 s)
     texts = [f"review number {i}" for i in range(10)]
-    insights.write_explanations(texts, compiling_first, tuple("12345"), str(tmp_path), print, budget=(4.0, "test"))
+    reports.write_explanations(texts, compiling_first, tuple("12345"), str(tmp_path), print, budget=(4.0, "test"),
+                               clock=clock)
     with open(tmp_path / "explanations" / "summary.json") as f:
         summary = json.load(f)
     # Taken for the first review's time, the 2 s would predict that a second review ends past 4 s
@@ -337,18 +356,20 @@ def test_the_explainers_warm_up_is_not_taken_for_a_reviews_time(tmp_path):
 
 
 def test_an_error_before_the_explanations_begin_is_written_down_and_not_raised(tmp_path):
-    from review_trainer import data, insights
+    from review_trainer import data
+    from review_trainer.insights import reports
+
+    from review_trainer.contract.hyperparameters import Hyperparameters
+    from review_trainer.data.channels import ScannedChannel
 
     (tmp_path / "test").mkdir()
     (tmp_path / "test" / "test.tsv").write_bytes(amazon_tsv(make_reviews(4)))
     spec = data.RowSpec("review_body", "star_rating", tuple("12345"), 16)
-    channels = {"test": data.scan_channel("test", str(tmp_path / "test"), spec, 0.0)}
+    test = ScannedChannel("test", False, data.scan_channel("test", str(tmp_path / "test"), spec, 0.0))
     lines = []
-    from review_trainer.hyperparameters import Hyperparameters
-
-    insights.run(Hyperparameters.from_dict({"explain_samples": "2"}), channels, {}, spec, spec, model=None,
-                 tokenizer=None, test_predictions=None, out_dir=str(tmp_path / "out"), job_seconds=100.0,
-                 print_fn=lines.append)
+    reports.run(Hyperparameters.from_dict({"explain_samples": "2"}), SimpleNamespace(train=None, test=test),
+                model=None, tokenizer=None, test_predictions=None, out_dir=str(tmp_path / "out"), job_seconds=100.0,
+                print_fn=lines.append)
     assert lines == ["explanations failed (the model is published): AttributeError: 'NoneType' object has no "
                      "attribute 'max_seq_length'"]
     with open(tmp_path / "out" / "explanations" / "summary.json") as f:
@@ -356,19 +377,19 @@ def test_an_error_before_the_explanations_begin_is_written_down_and_not_raised(t
 
 
 def test_a_stop_signal_in_step_7_is_raised_not_written_down(tmp_path):
-    from review_trainer import insights
-    from review_trainer.errors import JobStopped
-    from review_trainer.stopping import StopSignal
+    from review_trainer.insights import reports
+    from review_trainer.contract.errors import JobStopped
+    from review_trainer.training.stopping import StopSignal
 
     def stopped(texts):
         raise JobStopped("the job received SIGTERM", 143)
 
     with pytest.raises(JobStopped, match="SIGTERM"):
-        insights.write_explanations(["a short review"], stopped, tuple("12345"), str(tmp_path))
+        reports.write_explanations(["a short review"], stopped, tuple("12345"), str(tmp_path))
     # A signal that a library swallowed (smclarify catches every exception, per metric) still
     # stops the job once the phase it arrived in is over
     signal = StopSignal()
     signal.received = "SIGTERM"
     with pytest.raises(JobStopped, match="SIGTERM during the explanations and bias report"):
-        insights.run(hyperparameters(), scanned_train(["Books", "Toys"]), {}, None, None, None, None, None,
-                     str(tmp_path), 100.0, stop_signal=signal, print_fn=print)
+        reports.run(hyperparameters(), scanned_train(["Books", "Toys"]), None, None, None, str(tmp_path), 100.0,
+                    stop_signal=signal, print_fn=print)

@@ -5,17 +5,20 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import FAST_HYPERPARAMETERS, TRAIN, amazon_tsv, make_opt_ml, make_reviews, read_failure, run_train, train_env
-from review_trainer import checkpointing
-from review_trainer.pretrained import ReviewTokenizer, open_checkpoint
-from review_trainer.backend import choose
+from conftest import (FAST_HYPERPARAMETERS, amazon_tsv, make_opt_ml, make_reviews, read_failure, run_train,
+                      run_until_held_then_signal, train_in_process)
+from review_trainer.training import checkpoints
+from review_trainer.model.pretrained import ReviewTokenizer, open_checkpoint
+from review_trainer.training.backend import choose
+
+# pytest-xdist: the module's uninterrupted run, made once
+pytestmark = pytest.mark.xdist_group("jax")
 
 JAX_HYPERPARAMETERS = {
     **FAST_HYPERPARAMETERS, "backend": "jax", "epochs": "2", "log_every_n_steps": "1", "enable_checkpointing": "true",
@@ -33,8 +36,8 @@ def jax_job(base, hyperparameters=None):
 
 
 def final_state(base):
-    saved = checkpointing.CheckpointStore(os.path.join(base, "checkpoints"), keep=2).latest()
-    with np.load(os.path.join(saved.path, checkpointing.STATE_FILE)) as arrays:
+    saved = checkpoints.CheckpointStore(os.path.join(base, "checkpoints"), keep=2).latest()
+    with np.load(os.path.join(saved.path, checkpoints.STATE_FILE)) as arrays:
         return saved, [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
 
 
@@ -58,7 +61,7 @@ def test_a_jax_job_trains_checkpoints_and_records_its_backend(uninterrupted, dis
     assert saved.global_step == STEPS and saved.fingerprint["backend"] == "jax"
     # The checkpoint holds the trained state, written back from the jitted step (sync_model): the
     # optimizer's iteration count is the job's step count.
-    with open(os.path.join(saved.path, checkpointing.MANIFEST_FILE)) as f:
+    with open(os.path.join(saved.path, checkpoints.MANIFEST_FILE)) as f:
         paths = [path for path, _ in json.load(f)["variables"]]
     assert int(weights[paths.index(next(p for p in paths if p.endswith("iteration")))]) == STEPS
     assert os.path.exists(os.path.join(base, "output", "success"))
@@ -80,36 +83,30 @@ def test_a_jax_job_trains_checkpoints_and_records_its_backend(uninterrupted, dis
 
 def test_a_jax_job_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(tmp_path, uninterrupted, distilbert_dir):
     base = jax_job(tmp_path / "spot")
-    process = subprocess.Popen([TRAIN], env=train_env(base, distilbert_dir, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)
-    for line in process.stdout:
-        if re.match(r"epoch=1 step=5 ", line):  # mid-epoch: the resumed run skips into the pass
-            process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=300) == 143
-    stopped = re.match(r"Stopped: the job received SIGTERM at step (\d+) of 16; a checkpoint of step (\d+)",
-                       read_failure(base))
-    assert stopped and stopped[1] == stopped[2] and 5 <= int(stopped[1]) < STEPS
+    exit_code, log = run_until_held_then_signal(base, distilbert_dir, 5)  # mid-epoch: the rerun skips into the pass
+    assert exit_code == 143, log[-3000:]
+    assert read_failure(base).startswith("Stopped: the job received SIGTERM at step 5 of 16; a checkpoint of step 5")
     result = run_train(base, distilbert_dir)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert re.search(rf"^resumed from .*/step-0*{stopped[1]}: global step {stopped[1]} of 16$", result.stdout, re.M)
+    assert re.search(r"^resumed from .*/step-0*5: global step 5 of 16$", result.stdout, re.M)
     (_, resumed), (_, expected) = final_state(base), final_state(uninterrupted[0])
     assert len(resumed) == len(expected)
     for got, want in zip(resumed, expected):  # dropout seeds, Adam's moments and the step count included
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, equal_nan=False)
 
 
 SAVED_MODEL_VERSUS_JAX_MODEL = r"""
 import json, os, sys
 os.environ["KERAS_BACKEND"] = "jax"
 import keras, numpy as np
-from review_trainer import checkpointing
-from review_trainer.model import build_classifier
-from review_trainer.pretrained import load_backbone, open_checkpoint
+from review_trainer.training import checkpoints
+from review_trainer.model.classifier import build_classifier
+from review_trainer.model.pretrained import load_backbone, open_checkpoint
 base, pretrained = sys.argv[1], sys.argv[2]
 model = build_classifier(load_backbone(open_checkpoint(pretrained)), 5, 16)
 model.compile(optimizer=keras.optimizers.Adam())
-saved = checkpointing.CheckpointStore(base + "/checkpoints", keep=2).latest()
-checkpointing.restore(model, saved)  # the job's final weights, into a model built on JAX
+saved = checkpoints.CheckpointStore(base + "/checkpoints", keep=2).latest()
+checkpoints.restore(model, saved)  # the job's final weights, into a model built on JAX
 rng = np.random.default_rng(0)
 ids = rng.integers(5, 60, (6, 16)).astype("int32")
 mask = (np.arange(16) < rng.integers(3, 17, (6, 1))).astype("int32")
@@ -133,7 +130,7 @@ def test_the_saved_model_of_a_jax_job_gives_the_jax_models_probabilities(uninter
     assert served.shape == (6, 5) and np.isfinite(served).all()
     # Trained weights give distinct rows; equal rows would also match a constant model.
     assert np.ptp(jax_probabilities[:, 0]) > 1e-4
-    np.testing.assert_allclose(served, jax_probabilities, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(served, jax_probabilities, rtol=1e-5, atol=1e-6, equal_nan=False)
 
 
 @pytest.mark.parametrize("hyperparameters, hosts, message", [
@@ -141,10 +138,10 @@ def test_the_saved_model_of_a_jax_job_gives_the_jax_models_probabilities(uninter
     ({}, ("algo-1", "algo-2"), "backend=jax trains on one device, but this job would use distribution=multi_worker"),
 ])
 def test_what_the_jax_step_cannot_do_fails_at_the_start_saying_what_to_set(tmp_path, distilbert_dir, hyperparameters,
-                                                                           hosts, message):
+                                                                           hosts, message, run_in_process):
     base = make_opt_ml(str(tmp_path), {"train": {"t.tsv": amazon_tsv(make_reviews(16))}},
                        {**JAX_HYPERPARAMETERS, **hyperparameters}, hosts=hosts)
-    result = run_train(base, distilbert_dir)
+    result = run_in_process(base, distilbert_dir)
     assert result.returncode == 2, result.stderr[-2000:]  # HyperparameterError
     assert read_failure(base).startswith(f"HyperparameterError: {message}")
 
@@ -175,15 +172,6 @@ def test_auto_picks_the_backend_of_the_readmes_table(devices, distribution, use_
             requested, f"backend={requested}")
 
 
-def test_auto_with_a_tensorflow_only_setting_picks_tensorflow_in_a_real_job(tmp_path, distilbert_dir):
-    base = make_opt_ml(str(tmp_path), {"train": {"t.tsv": amazon_tsv(make_reviews(16))}},
-                       {**JAX_HYPERPARAMETERS, "backend": "auto", "use_xla": "false", "epochs": "1", "run_test": "false"})
-    result = run_train(base, distilbert_dir)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert re.search(r" backend=tensorflow .*backend_reason=auto: use_xla=false, which only the TensorFlow step runs$",
-                     result.stdout, re.M)
-
-
 def test_without_checkpoints_the_jax_job_evaluates_and_exports_its_trained_weights(tmp_path, uninterrupted,
                                                                                      distilbert_dir):
     """The end of training writes the jitted step's state back into the model (sync_model): without a
@@ -206,10 +194,15 @@ def test_without_checkpoints_the_jax_job_evaluates_and_exports_its_trained_weigh
     assert test_loss(result.stdout) == pytest.approx(test_loss(uninterrupted[1].stdout), abs=1e-6)
 
 
-def test_a_checkpoint_of_the_jax_backend_is_not_resumed_on_tensorflow(tmp_path, uninterrupted, distilbert_dir):
-    """The backends draw different dropout masks: a resume across them would not be exact."""
-    base = jax_job(tmp_path / "other", {"backend": "tensorflow", "epochs": "3"})
+def test_a_checkpoint_of_the_jax_backend_is_not_resumed_where_auto_picks_tensorflow(tmp_path, uninterrupted,
+                                                                                    distilbert_dir):
+    """The backends draw different dropout masks: a resume across them would not be exact. Here auto,
+    with a setting only the TensorFlow step runs (use_xla=false), picks TensorFlow, in a real job
+    (in this process, on its TensorFlow backend)."""
+    base = jax_job(tmp_path / "other", {"backend": "auto", "use_xla": "false", "epochs": "3"})
     shutil.copytree(os.path.join(uninterrupted[0], "checkpoints"), os.path.join(base, "checkpoints"))
-    result = run_train(base, distilbert_dir)
+    result = train_in_process(base, distilbert_dir)
+    assert re.search(r" backend=tensorflow .*backend_reason=auto: use_xla=false, which only the TensorFlow step runs$",
+                     result.stdout, re.M)
     assert result.returncode == 6, result.stderr[-2000:]  # CheckpointError
     assert "backend was 'jax', now 'tensorflow'" in read_failure(base)

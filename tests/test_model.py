@@ -1,10 +1,8 @@
-import os
-
 import keras
 import numpy as np
 import pytest
-from review_trainer.model import build_classifier
-from review_trainer.pretrained import load_backbone, open_checkpoint
+from review_trainer.model.classifier import build_classifier, build_classifier_parts
+from review_trainer.model.pretrained import load_backbone, open_checkpoint
 
 
 @pytest.mark.parametrize("head", ["cls", "bilstm"])
@@ -22,17 +20,13 @@ def test_classifier_outputs_float32_logits_for_each_head_and_backbone(request, c
 
 
 @pytest.mark.parametrize("cudnn_lib_config,use_cudnn", [(None, "auto"), ("FULL", "auto"), ("GRAPH_JIT_ONLY", False)])
-def test_bilstm_keeps_off_cudnn_where_the_image_has_no_legacy_rnn_api(monkeypatch, distilbert_dir, cudnn_lib_config,
-                                                                     use_cudnn):
-    # The GPU image sets CUDNN_LIB_CONFIG=GRAPH_JIT_ONLY and leaves out libcudnn_adv (cudnnRNNForward):
-    # a cuDNN LSTM would fail there on a GPU, so both directions must take Keras's loop.
-    if cudnn_lib_config is None:
-        monkeypatch.delenv("CUDNN_LIB_CONFIG", raising=False)
-    else:
-        monkeypatch.setenv("CUDNN_LIB_CONFIG", cudnn_lib_config)
-    model = build_classifier(load_backbone(open_checkpoint(distilbert_dir)), num_classes=5, max_seq_length=8,
-                             head="bilstm")
-    bilstm = model.get_layer("bilstm")
+def test_bilstm_keeps_off_cudnn_where_the_image_has_no_legacy_rnn_api(distilbert_dir, cudnn_lib_config, use_cudnn):
+    # The GPU image sets CUDNN_LIB_CONFIG=GRAPH_JIT_ONLY (the contract reads it: test_environment.py)
+    # and leaves out libcudnn_adv (cudnnRNNForward): a cuDNN LSTM would fail there on a GPU, so both
+    # directions must take Keras's loop.
+    parts = build_classifier_parts(load_backbone(open_checkpoint(distilbert_dir)), num_classes=5, max_seq_length=8,
+                                   head="bilstm", cudnn_lib_config=cudnn_lib_config)
+    bilstm = parts.model.get_layer("bilstm")
     assert [bilstm.forward_layer.use_cudnn, bilstm.backward_layer.use_cudnn] == [use_cudnn, use_cudnn]
 
 
@@ -40,7 +34,7 @@ CUDNN_LSTM_REACHED = """
 import os, sys
 os.environ["KERAS_BACKEND"] = sys.argv[1]
 import keras, numpy as np
-from review_trainer.model import lstm_use_cudnn
+from review_trainer.model.classifier import lstm_use_cudnn
 # As if on a GPU, with cuDNN's RNN kernel replaced by a tripwire: a layer that would call it fails.
 import importlib
 rnn = importlib.import_module(f"keras.src.backend.{sys.argv[1]}.rnn")  # the module (the package exports a function `rnn`)
@@ -54,12 +48,13 @@ if sys.argv[1] == "jax":
 else:
     rnn._cudnn_lstm = tripwire
 rnn._is_gpu_available = lambda: True
-layer = keras.layers.Bidirectional(keras.layers.LSTM(4, return_sequences=True, use_cudnn=lstm_use_cudnn()))
-try:
-    layer(np.ones((2, 3, 5), np.float32))
-    print("generic loop")
-except Exception as error:  # Keras adds the layer's call arguments to the message
-    print("cuDNN LSTM reached" if "cuDNN LSTM reached" in str(error) else repr(error)[:300])
+for config in ("GRAPH_JIT_ONLY", "FULL"):
+    layer = keras.layers.Bidirectional(keras.layers.LSTM(4, return_sequences=True, use_cudnn=lstm_use_cudnn(config)))
+    try:
+        layer(np.ones((2, 3, 5), np.float32))
+        print(config, "generic loop")
+    except Exception as error:  # Keras adds the layer's call arguments to the message
+        print(config, "cuDNN LSTM reached" if "cuDNN LSTM reached" in str(error) else repr(error)[:300])
 """
 
 
@@ -70,13 +65,9 @@ def test_the_lstm_takes_keras_loop_on_a_gpu_with_the_reduced_cudnn(backend):
     import subprocess
     import sys
 
-    results = {}
-    for config in ("GRAPH_JIT_ONLY", "FULL"):
-        env = dict(os.environ, CUDNN_LIB_CONFIG=config)
-        run = subprocess.run([sys.executable, "-c", CUDNN_LSTM_REACHED, backend], env=env, capture_output=True,
-                             text=True)
-        assert run.returncode == 0, run.stderr[-2000:]
-        results[config] = run.stdout.strip().splitlines()[-1]
+    run = subprocess.run([sys.executable, "-c", CUDNN_LSTM_REACHED, backend], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = dict(line.split(" ", 1) for line in run.stdout.strip().splitlines()[-2:])
     # FULL reaching the tripwire shows the tripwire sits where Keras calls cuDNN
     assert results == {"GRAPH_JIT_ONLY": "generic loop", "FULL": "cuDNN LSTM reached"}
 

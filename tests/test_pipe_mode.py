@@ -12,11 +12,15 @@ import threading
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import FAST_HYPERPARAMETERS, amazon_tsv, gzipped, make_opt_ml, make_reviews, read_failure, run_train
+from conftest import (FAST_HYPERPARAMETERS, amazon_tsv, gzipped, make_opt_ml, make_reviews, read_failure,
+                      run_until_held_then_signal, train_in_process)
 from review_trainer import data
 from review_trainer.data import pipe
-from review_trainer.errors import DataError
+from review_trainer.contract.errors import DataError
 from test_data import tfrecord_bytes
+
+# pytest-xdist: the module's File-mode run, made once
+pytestmark = pytest.mark.xdist_group("pipe")
 
 SPEC = data.RowSpec("review_body", "star_rating", ("1", "2", "3", "4", "5"), 8)
 MAGIC = struct.pack("<I", pipe.RECORDIO_MAGIC)
@@ -79,7 +83,7 @@ def read(tmp_path, objects, wrapper, spec=SPEC):
     writer = PipeWriter(prefix, [wrapped(objects, wrapper)])
     counts = pipe.PassCounts(prefix + "_0")
     try:
-        return list(pipe.read_pass(pipe.PipeChannel("train", prefix, wrapper), 0, spec, counts)), counts
+        return list(pipe.read_pass(pipe.Fifos("train", prefix, wrapper), 0, spec, counts)), counts
     finally:
         writer.close()
 
@@ -128,7 +132,7 @@ def test_a_multipart_recordio_record_reads_as_one_object(tmp_path):
     writer = PipeWriter(prefix, [recordio([content], part_bytes=37) + recordio([amazon_tsv(REVIEWS_B)])])
     try:
         counts = pipe.PassCounts(prefix + "_0")
-        rows = list(pipe.read_pass(pipe.PipeChannel("train", prefix, "RecordIO"), 0, SPEC, counts))
+        rows = list(pipe.read_pass(pipe.Fifos("train", prefix, "RecordIO"), 0, SPEC, counts))
     finally:
         writer.close()
     assert rows == EXPECTED_TABLE_ROWS and counts.objects == 2
@@ -168,20 +172,20 @@ def test_a_record_cut_short_in_the_pipe_is_a_data_error(tmp_path, case):
     writer = PipeWriter(prefix, [cut])
     try:
         with pytest.raises(DataError, match=r"cut short"):
-            list(pipe.read_pass(pipe.PipeChannel("train", prefix, wrapper), 0, SPEC, pipe.PassCounts(prefix + "_0")))
+            list(pipe.read_pass(pipe.Fifos("train", prefix, wrapper), 0, SPEC, pipe.PassCounts(prefix + "_0")))
     finally:
         writer.close()
 
 
 def test_a_missing_fifo_and_a_wrong_wrapper_say_what_to_check(tmp_path):
-    channel = pipe.PipeChannel("train", str(tmp_path / "train"), "None", fifo_wait_seconds=0.3)
+    channel = pipe.Fifos("train", str(tmp_path / "train"), "None", fifo_wait_seconds=0.3)
     with pytest.raises(DataError, match=r"train_0 did not appear within 0.3 s; SageMaker creates one FIFO per pass"):
         list(pipe.read_pass(channel, 0, SPEC, pipe.PassCounts("x")))
     prefix = str(tmp_path / "plain")
     writer = PipeWriter(prefix, [amazon_tsv(REVIEWS_A)])  # no wrapper, but the channel says RecordIO
     try:
         with pytest.raises(DataError, match=r"not RecordIO .* is the channel's RecordWrapperType right\?"):
-            list(pipe.read_pass(pipe.PipeChannel("plain", prefix, "RecordIO"), 0, SPEC, pipe.PassCounts(prefix)))
+            list(pipe.read_pass(pipe.Fifos("plain", prefix, "RecordIO"), 0, SPEC, pipe.PassCounts(prefix)))
     finally:
         writer.close()
 
@@ -194,7 +198,7 @@ JOB_HYPERPARAMETERS = {**FAST_HYPERPARAMETERS, "epochs": "2", "run_sample_predic
 
 
 def job_data(tmp_path, distilbert_dir):
-    from review_trainer.pretrained import ReviewTokenizer, open_checkpoint
+    from review_trainer.model.pretrained import ReviewTokenizer, open_checkpoint
 
     tokenizer = ReviewTokenizer(open_checkpoint(distilbert_dir), 16)
 
@@ -228,10 +232,10 @@ def as_pipe_job(base, channels, wrapper, passes):
     return writers
 
 
-def run_pipe_job(base, pretrained, channels, wrapper, passes, run=run_train):
+def run_pipe_job(base, pretrained, channels, wrapper, passes, run=None):
     writers = as_pipe_job(base, channels, wrapper, passes)
     try:
-        return run(base, pretrained)
+        return (run or train_in_process)(base, pretrained)
     finally:
         for writer in writers:
             writer.close()
@@ -246,7 +250,7 @@ def file_mode_job(tmp_path_factory, distilbert_dir):
     tmp_path = tmp_path_factory.mktemp("file_mode")
     channels, unwrapped_channels = job_data(tmp_path, distilbert_dir)
     base = make_opt_ml(str(tmp_path / "opt_ml"), channels, JOB_HYPERPARAMETERS)
-    result = run_train(base, distilbert_dir)
+    result = train_in_process(base, distilbert_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     return {"RecordIO": channels, "None": unwrapped_channels}, base, result
 
@@ -279,7 +283,7 @@ def test_a_record_cut_short_fails_the_job_with_a_data_error_and_no_model(tmp_pat
     shutil.rmtree(os.path.join(base, "input", "data", "train"))
     writer = PipeWriter(os.path.join(base, "input", "data", "train"), [recordio([channels["train"]["a.tsv"]])[:-20]])
     try:
-        result = run_train(base, distilbert_dir)
+        result = train_in_process(base, distilbert_dir)
     finally:
         writer.close()
     assert result.returncode == 3, result.stderr[-2000:]
@@ -297,7 +301,7 @@ def test_a_test_channel_in_pipe_mode_without_a_good_row_fails_with_the_reason(tm
     shutil.rmtree(os.path.join(base, "input", "data", "test"))
     writer = PipeWriter(os.path.join(base, "input", "data", "test"), [channels["test"]["t.tsv"]])
     try:
-        result = run_train(base, distilbert_dir)
+        result = train_in_process(base, distilbert_dir)
     finally:
         writer.close()
     assert result.returncode == 3, result.stderr[-2000:]
@@ -312,25 +316,25 @@ def test_a_continuation_part_where_a_new_record_should_start_is_corrupt(tmp_path
     writer = PipeWriter(prefix, [first_part + recordio([amazon_tsv(REVIEWS_A)])])  # flag 0 after flag 1
     try:
         with pytest.raises(DataError, match="a RecordIO continuation part with part flag 0: the stream is corrupt"):
-            list(pipe.read_pass(pipe.PipeChannel("train", prefix, "RecordIO"), 0, SPEC, pipe.PassCounts(prefix)))
+            list(pipe.read_pass(pipe.Fifos("train", prefix, "RecordIO"), 0, SPEC, pipe.PassCounts(prefix)))
     finally:
         writer.close()
 
 
 def test_a_stopped_pipe_mode_job_resumes_mid_pass_and_ends_with_the_uninterrupted_model(tmp_path, distilbert_dir,
                                                                                         file_mode_job):
-    from test_spot_training import run_until_step_then_signal
-
     channels_by_wrapper, file_base, _ = file_mode_job
     channels = channels_by_wrapper["RecordIO"]
     base = make_opt_ml(str(tmp_path / "opt_ml"), channels, {**JOB_HYPERPARAMETERS, "checkpoint_every_n_steps": "100"})
     with open(os.path.join(base, "input", "config", "checkpointconfig.json"), "w") as f:
         json.dump({"LocalPath": str(tmp_path / "checkpoints")}, f)
     # 50 rows in batches of 8: 7 steps a pass. Stopped in the second pass, after step 10.
-    exit_code, log, _ = run_pipe_job(base, distilbert_dir, channels, "RecordIO", {"train": 2, "validation": 2, "test": 1},
-                                     run=lambda base, pretrained: run_until_step_then_signal(base, pretrained, 10))
-    stopped_at = int(re.findall(r"^checkpoint step=(\d+) ", log, re.M)[-1])
-    assert exit_code != 0 and 10 <= stopped_at < 14, log[-2000:]
+    exit_code, log = run_pipe_job(base, distilbert_dir, channels, "RecordIO", {"train": 2, "validation": 2, "test": 1},
+                                  run=lambda base, pretrained: run_until_held_then_signal(base, pretrained, 10))
+    stopped_at = 10
+    assert exit_code == 143, log[-3000:]
+    assert re.search(r"^checkpoint step=10 ", log, re.M) and read_failure(base).startswith(
+        "Stopped: the job received SIGTERM at step 10 of epoch 2 of 2; a checkpoint of step 10")
     # The restarted container's FIFOs start again at _0: the rest of pass 2, then the test pass.
     result = run_pipe_job(base, distilbert_dir, channels, "RecordIO", {"train": 1, "validation": 1, "test": 1})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -353,12 +357,12 @@ def test_a_stopped_pipe_mode_job_resumes_mid_pass_and_ends_with_the_uninterrupte
      r"DataError: .*RecordWrapperType='TFRecord'; this job reads .* RecordWrapperType None, RecordIO"),
 ])
 def test_what_pipe_mode_cannot_do_fails_before_training(tmp_path, distilbert_dir, config, hyperparameters,
-                                                        exit_code, message):
+                                                        exit_code, message, run_in_process):
     base = make_opt_ml(str(tmp_path), {"train": {"a.tsv": amazon_tsv(make_reviews(8))}},
                        {**FAST_HYPERPARAMETERS, **hyperparameters})
     with open(os.path.join(base, "input", "config", "inputdataconfig.json"), "w") as f:
         json.dump({"train": config}, f)
-    result = run_train(base, distilbert_dir)
+    result = run_in_process(base, distilbert_dir)
     assert result.returncode == exit_code, result.stderr[-2000:]
     assert re.match(message, read_failure(base))
 
@@ -366,11 +370,15 @@ def test_what_pipe_mode_cannot_do_fails_before_training(tmp_path, distilbert_dir
 def test_sharded_by_s3_key_in_pipe_mode_is_refused_on_several_hosts_only():
     from types import SimpleNamespace
 
-    from review_trainer.hyperparameters import Hyperparameters
-    from review_trainer.train import check_pipe_mode
+    from review_trainer.contract.hyperparameters import Hyperparameters
 
     hp = Hyperparameters.from_dict({})
+
+    def contract(distribution, channel="train"):
+        return SimpleNamespace(channel_dirs={}, pipe_channels={channel: ("/fifo", "None"), "train": ("/fifo", "None")},
+                               channel_distribution={"train": "FullyReplicated", channel: distribution})
+
     with pytest.raises(DataError, match="Pipe mode with S3DistributionType=ShardedByS3Key on 2 hosts"):
-        check_pipe_mode("train", hp, SimpleNamespace(num_workers=2), "ShardedByS3Key")
-    check_pipe_mode("train", hp, SimpleNamespace(num_workers=1), "ShardedByS3Key")
-    check_pipe_mode("validation", hp, SimpleNamespace(num_workers=2), "FullyReplicated")
+        data.check_inputs(contract("ShardedByS3Key"), hp, num_workers=2)
+    data.check_inputs(contract("ShardedByS3Key"), hp, num_workers=1)
+    data.check_inputs(contract("FullyReplicated", "validation"), hp, num_workers=2)

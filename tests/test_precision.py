@@ -1,5 +1,5 @@
-from review_trainer.hyperparameters import AUTO
-from review_trainer.precision import choose_jit_compile, choose_policy
+from review_trainer.contract.hyperparameters import AUTO
+from review_trainer.training.precision import choose_jit_compile, choose_policy
 
 
 def test_auto_picks_bfloat16_on_cpus_with_bf16_and_float32_elsewhere():

@@ -1,6 +1,10 @@
-"""`predict`: a finished model's star ratings for reviews in the files users have, as JSON Lines."""
+"""`predict`: a finished model's star ratings for reviews in the files users have, as JSON Lines.
+
+The command runs in the test's own process (its `main`, stdin and stdout captured), which loads no
+interpreter and TensorFlow of its own; one test runs the console script as users do."""
 
 import gzip
+import io
 import json
 import os
 import re
@@ -8,6 +12,8 @@ import subprocess
 import sys
 import tarfile
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import amazon_tsv
 
@@ -15,13 +21,22 @@ PREDICT = os.path.join(os.path.dirname(sys.executable), "predict")
 SAMPLES = ["This is great!", "This is OK.", "This is terrible."]
 
 
-def predict(*args, stdin=None):
-    result = subprocess.run([PREDICT, *args], input=stdin, capture_output=True, text=True,
-                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), timeout=300)
-    return result.returncode, [json.loads(line) for line in result.stdout.splitlines()], result.stderr
+@pytest.fixture
+def predict(monkeypatch, capsys):
+    """predict(*arguments, stdin=text) -> (exit code, the JSON lines read back, stderr)."""
+    from review_trainer.cli import predict as command
+
+    def run(*args, stdin=""):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin.encode())))
+        capsys.readouterr()
+        exit_code = command.main(list(args))
+        captured = capsys.readouterr()
+        return exit_code, [json.loads(line) for line in captured.out.splitlines()], captured.err
+
+    return run
 
 
-def test_predictions_are_those_the_job_printed_for_its_sample_reviews(distilbert_job):
+def test_predictions_are_those_the_job_printed_for_its_sample_reviews(distilbert_job, predict):
     base, job = distilbert_job
     exit_code, results, stderr = predict("--model", os.path.join(base, "model"), stdin="\n".join(SAMPLES) + "\n")
     assert exit_code == 0, stderr
@@ -33,7 +48,7 @@ def test_predictions_are_those_the_job_printed_for_its_sample_reviews(distilbert
     assert all(sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-5) for r in results)
 
 
-def test_on_the_test_channel_its_accuracy_is_the_jobs_evaluation(distilbert_job, tmp_path):
+def test_on_the_test_channel_its_accuracy_is_the_jobs_evaluation(distilbert_job, tmp_path, predict):
     base, _ = distilbert_job
     with gzip.open(os.path.join(base, "input", "data", "test", "test.tsv.gz"), "rt") as f:
         tsv = f.read()
@@ -48,21 +63,27 @@ def test_on_the_test_channel_its_accuracy_is_the_jobs_evaluation(distilbert_job,
     assert sum(r["label"] == t for r, t in zip(results, truth)) / 30 == pytest.approx(accuracy, abs=1e-9)
 
 
-def test_every_input_format_and_a_model_tar_gz_give_the_same_predictions(distilbert_job, tmp_path):
+def test_every_format_the_job_trains_on_and_a_model_tar_gz_give_the_same_predictions(distilbert_job, tmp_path, predict):
+    """predict reads through the job's own readers: every training format, gzip and Parquet
+    included, the label column not needed; plain text a review a line."""
     base, _ = distilbert_job
     model = os.path.join(base, "model")
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"review_id": ["a", "b", "c"], "review_body": SAMPLES}), buffer)  # no label
     files = {
-        "reviews.txt": "\n".join(SAMPLES) + "\n",
-        "reviews.csv": "\ufeffreview_body,star_rating\n" + "".join(f'"{t}",5\n' for t in SAMPLES),
-        "reviews.jsonl": "".join(json.dumps({"review_body": t, "stars": 1}) + "\n" for t in SAMPLES),
-        "reviews.tsv": amazon_tsv([(t, 3) for t in SAMPLES]).decode(),
+        "reviews.txt": ("\n".join(SAMPLES) + "\n").encode(),
+        "reviews.csv": ("\ufeffreview_body,star_rating\n" + "".join(f'"{t}",5\n' for t in SAMPLES)).encode(),
+        "reviews.jsonl": "".join(json.dumps({"review_body": t, "stars": 1}) + "\n" for t in SAMPLES).encode(),
+        "reviews.tsv": amazon_tsv([(t, 3) for t in SAMPLES]),
+        "reviews.tsv.gz": gzip.compress(amazon_tsv([(t, 3) for t in SAMPLES])),
+        "reviews.parquet": buffer.getvalue(),
     }
     for name, content in files.items():
-        (tmp_path / name).write_text(content)
+        (tmp_path / name).write_bytes(content)
     _, expected, _ = predict("--model", model, stdin="\n".join(SAMPLES))
-    for name in files:
-        exit_code, results, stderr = predict("--model", model, str(tmp_path / name))
-        assert exit_code == 0 and results == expected, (name, stderr)
+    exit_code, results, stderr = predict("--model", model, *(str(tmp_path / name) for name in files))
+    assert exit_code == 0, stderr
+    assert [results[i:i + 3] for i in range(0, len(results), 3)] == [expected] * len(files)
     archive = tmp_path / "model.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:  # SageMaker's layout: the folder's entries at the top
         for entry in os.listdir(model):
@@ -76,31 +97,50 @@ def test_every_input_format_and_a_model_tar_gz_give_the_same_predictions(distilb
     ("not a model", "predict: {tmp} is not a model folder of this job: it lacks tensorflow/saved_model/0, tokenizer, "
                     "label_map.json"),
     ("json without the column", "predict: {tmp}/bad.jsonl, line 2: no 'review_body' in the JSON object"),
-    ("missing file", "predict: {tmp}/missing.txt: cannot be read as UTF-8 text"),
-    ("short tsv row", "predict: {tmp}/short.tsv, line 3: 1 tab-separated field(s), so no 'review_body' (field 2 of "
-                      "the header)"),
-    ("latin-1 stdin", "predict: stdin: not UTF-8 text"),
+    ("missing file", "predict: {tmp}/missing.txt: cannot be read (No such file or directory)"),
+    ("short tsv row", "predict: {tmp}/short.tsv, line 3: 1 tab-separated field(s), where the header has 2"),
+    ("latin-1 stdin", "predict: stdin, line 1: not UTF-8 text"),
+    ("tfrecord", "predict: {tmp}/records.tfrecord: a TFRecord file holds token ids, not the reviews' text"),
 ])
-def test_bad_input_fails_with_a_clear_message_and_exit_code_2(distilbert_job, tmp_path, case, expected):
+def test_bad_input_fails_with_a_clear_message_and_exit_code_2(distilbert_job, tmp_path, case, expected, monkeypatch,
+                                                             capsys):
+    from review_trainer.cli import predict as command
+    from test_data import tfrecord_bytes
+
     model = os.path.join(distilbert_job[0], "model")
     (tmp_path / "bad.jsonl").write_text('{"review_body": "fine"}\n{"text": "no column"}\n')
     (tmp_path / "short.tsv").write_text("star_rating\treview_body\n5\tfine\n4\n")
+    (tmp_path / "records.tfrecord").write_bytes(tfrecord_bytes(tmp_path, [([2] * 16, [1] * 16, 1)]))
     args = {"no model": ["--model", str(tmp_path / "nowhere")], "not a model": ["--model", str(tmp_path)],
             "json without the column": ["--model", model, str(tmp_path / "bad.jsonl")],
             "missing file": ["--model", model, str(tmp_path / "missing.txt")],
             "short tsv row": ["--model", model, str(tmp_path / "short.tsv")],
-            "latin-1 stdin": ["--model", model]}[case]
+            "latin-1 stdin": ["--model", model],
+            "tfrecord": ["--model", model, str(tmp_path / "records.tfrecord")]}[case]
     stdin = "café\n".encode("latin-1") if case == "latin-1 stdin" else b"fine\n"
-    result = subprocess.run([PREDICT, *args], input=stdin, capture_output=True,
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    exit_code = command.main(args)  # in this process: each case fails before any model is loaded
+    captured = capsys.readouterr()
+    assert exit_code == 2 and captured.out == ""
+    assert captured.err.strip().startswith(expected.format(tmp=tmp_path)), captured.err
+
+
+def test_the_console_script_predicts_and_exits_with_2_on_bad_input(distilbert_job, tmp_path):
+    model = os.path.join(distilbert_job[0], "model")
+    result = subprocess.run([PREDICT, "--model", model], input="This is great!\n", capture_output=True, text=True,
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), timeout=300)
-    exit_code, results, stderr = result.returncode, result.stdout.decode().splitlines(), result.stderr.decode()
-    assert exit_code == 2 and results == []
-    assert stderr.strip().startswith(expected.format(tmp=tmp_path)), stderr
+    assert result.returncode == 0, result.stderr[-2000:]
+    [line] = result.stdout.splitlines()
+    assert sorted(json.loads(line)["probabilities"]) == ["1", "2", "3", "4", "5"]
+    result = subprocess.run([PREDICT, "--model", str(tmp_path / "nowhere")], input="fine\n", capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"predict: --model {tmp_path}/nowhere: no such model folder")
 
 
-def test_saved_model_cli_shows_and_runs_the_serving_signature(distilbert_job, tmp_path):
+def test_saved_model_cli_shows_and_runs_the_serving_signature(distilbert_job, tmp_path, predict):
     import numpy as np
-    from review_trainer.predict import load_tokenizer
+    from review_trainer.cli.predict import load_tokenizer
 
     model = os.path.join(distilbert_job[0], "model")
     saved_model = os.path.join(model, "tensorflow", "saved_model", "0")
@@ -126,10 +166,10 @@ def test_saved_model_cli_shows_and_runs_the_serving_signature(distilbert_job, tm
         assert row.tolist() == pytest.approx([result["probabilities"][label] for label in "12345"], abs=2e-6)
 
 
-def test_the_tf_serving_request_body_of_the_example_gives_the_jobs_evaluation(distilbert_job, distilbert_dir):
+def test_the_tf_serving_request_body_of_the_example_gives_the_jobs_evaluation(distilbert_job, distilbert_dir, predict):
     import numpy as np
     import tensorflow as tf
-    from review_trainer.pretrained import ReviewTokenizer, open_checkpoint
+    from review_trainer.model.pretrained import ReviewTokenizer, open_checkpoint
 
     base, _ = distilbert_job
     model = os.path.join(base, "model")
@@ -160,8 +200,9 @@ def test_the_tf_serving_request_body_of_the_example_gives_the_jobs_evaluation(di
 
 
 def test_a_review_is_cut_only_at_line_ends_not_at_a_form_feed_or_a_unicode_line_separator():
-    from review_trainer.predict import read_reviews
+    from review_trainer.data import read_texts
 
-    assert read_reviews("good\x0cmovie\r\nbad\u2028film\n", "review_body", "x") == ["good\x0cmovie", "bad\u2028film"]
+    assert read_texts("good\x0cmovie\r\nbad\u2028film\n".encode(), "x", "review_body") == ["good\x0cmovie",
+                                                                                          "bad\u2028film"]
     jsonl = json.dumps({"review_body": "one\u2028two"}, ensure_ascii=False) + "\n"
-    assert read_reviews(jsonl, "review_body", "x") == ["one\u2028two"]
+    assert read_texts(jsonl.encode(), "x", "review_body") == ["one\u2028two"]

@@ -4,8 +4,8 @@ import os
 import numpy as np
 import pytest
 import transformers
-from review_trainer.errors import PretrainedModelError
-from review_trainer.pretrained import ReviewTokenizer, load_backbone, open_checkpoint
+from review_trainer.contract.errors import PretrainedModelError
+from review_trainer.model.pretrained import ReviewTokenizer, load_backbone, open_checkpoint
 
 TEXTS = [
     "This is great!", "This is OK.", "This is terrible.", "", "   ", "UPPER case Movie",
@@ -60,17 +60,17 @@ def test_missing_or_unsupported_checkpoints_say_what_is_wrong(tmp_path, distilbe
         open_checkpoint(str(tmp_path))
 
 
-def test_a_truncated_weights_file_is_a_pretrained_model_error_naming_it(tmp_path, distilbert_dir):
+def test_a_truncated_weights_file_is_a_pretrained_model_error_naming_it(tmp_path, distilbert_dir, run_in_process):
     import shutil
 
-    from conftest import FAST_HYPERPARAMETERS, amazon_tsv, make_opt_ml, make_reviews, read_failure, run_train
+    from conftest import FAST_HYPERPARAMETERS, amazon_tsv, make_opt_ml, make_reviews, read_failure
 
     broken = tmp_path / "checkpoint"
     shutil.copytree(distilbert_dir, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
     base = make_opt_ml(str(tmp_path / "opt_ml"), {"train": {"t.tsv": amazon_tsv(make_reviews(8))}}, FAST_HYPERPARAMETERS)
-    result = run_train(base, broken)
+    result = run_in_process(base, broken)
     assert result.returncode == 4
     size = weights.stat().st_size
     assert read_failure(base).splitlines()[0] == (

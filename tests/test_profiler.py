@@ -1,5 +1,8 @@
-"""The job's own profile (profiler.py): figures checked against values worked out by hand, the sampler
-thread, the files it writes, the advice, and NVML absent, failing or faked."""
+"""The job's own profile (telemetry/profiler.py): figures checked against values worked out by hand, the
+sampler thread, the files it writes, the advice, and NVML absent, failing or faked.
+
+Samples are taken by calling sample() on a profiler started without its thread, at times of a fake
+clock: what a test checks never depends on what a thread managed to do during a sleep."""
 
 import dataclasses
 import json
@@ -7,14 +10,13 @@ import math
 import random
 import re
 import threading
-import time
 import types
 
 import psutil
 import pynvml
 import pytest
-from review_trainer import profiler
-from review_trainer.profiler import Profiler, interval_from_config
+from review_trainer.telemetry import profiler
+from review_trainer.telemetry.profiler import Profiler, interval_from_config
 
 GIB = 2**30
 
@@ -30,6 +32,21 @@ class StepResult:  # the fields of the training loop's step result that the prof
 def feed(hook, seconds, inputs=None, examples=32):
     for step, step_seconds in enumerate(seconds, 1):
         hook.on_step_end(step, None, StepResult(step_seconds, inputs[step - 1] if inputs else 0.0, examples))
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def sampled(hook, clock, count, every=0.01):
+    """`count` samples, `every` seconds apart on the fake clock."""
+    for _ in range(count):
+        clock.now += every
+        hook.sample()
 
 
 def advice_lines(lines):
@@ -160,20 +177,25 @@ def test_input_wait_share_and_throughput(tmp_path, inputs, share, bound):
     assert any(line.startswith("profile_advice input_bound:") for line in summary["advice"]) == bound
 
 
-def test_sampler_collects_and_stops_on_close(tmp_path, no_nvml):
-    lines = []
-    hook = Profiler(0.01, tmp_path, print_fn=lines.append).start()
-    time.sleep(0.3)
-    feed(hook, [3.0, 0.1, 0.1, 0.1], [0.0, 0.02, 0.02, 0.02])
-    hook.on_epoch_end(1, 4, {"train_loss": 0.5})
+def test_the_sampler_thread_stops_on_close_and_takes_a_last_sample(tmp_path, no_nvml):
+    hook = Profiler(3600.0, tmp_path, print_fn=lambda line: None).start()  # it never samples on its own here
+    assert hook._thread.is_alive()
     summary = hook.close()
     assert not hook._thread.is_alive()
     assert "profiler" not in [thread.name for thread in threading.enumerate()]
-    assert summary["sample_count"] >= 5 and summary["sampling_errors"] == 0
-    count = len(hook.samples)
-    time.sleep(0.05)
-    assert len(hook.samples) == count  # nothing samples after close
+    assert summary["sample_count"] == 1  # close's own: a job shorter than the interval still has one
     assert hook.close() is None  # a second close does nothing
+
+
+def test_the_samples_are_summarised_and_written(tmp_path, no_nvml):
+    clock, lines = FakeClock(), []
+    hook = Profiler(0.01, tmp_path, print_fn=lines.append, clock=clock).start(sampler_thread=False)
+    sampled(hook, clock, 30)
+    feed(hook, [3.0, 0.1, 0.1, 0.1], [0.0, 0.02, 0.02, 0.02])
+    hook.on_epoch_end(1, 4, {"train_loss": 0.5})
+    sampled(hook, clock, 5)
+    summary = hook.close()
+    assert summary["sample_count"] == 35 and summary["sampling_errors"] == 0
     assert summary["epoch_end_steps"] == [4]
     assert 0 <= summary["cpu_mean_percent"] <= 100 and 0 <= summary["cpu_p95_percent"] <= 100
     assert len(summary["cpu_core_mean_percents"]) == psutil.cpu_count()
@@ -208,12 +230,12 @@ def test_a_failing_sample_is_counted_not_raised(tmp_path, no_nvml, monkeypatch):
         raise OSError("no /proc/meminfo")
 
     monkeypatch.setattr(psutil, "virtual_memory", broken)
-    lines = []
-    hook = Profiler(0.01, tmp_path, print_fn=lines.append).start()
-    time.sleep(0.1)
+    clock, lines = FakeClock(), []
+    hook = Profiler(0.01, tmp_path, print_fn=lines.append, clock=clock).start(sampler_thread=False)
+    sampled(hook, clock, 3)
     feed(hook, [1.0, 0.1])
     summary = hook.close()
-    assert summary["sampling_errors"] >= 1 and summary["sample_count"] == 0
+    assert summary["sampling_errors"] == 3 and summary["sample_count"] == 0
     assert summary["sampling_error_messages"][0] == "OSError: no /proc/meminfo"
     assert json.loads((tmp_path / "profile.json").read_text())["sampling_errors"] == summary["sampling_errors"]
     assert [line for line in lines if line.startswith("profile ")]  # the report still comes
@@ -225,12 +247,12 @@ def test_fake_gpus_are_summarised(tmp_path, fake_nvml, monkeypatch):
     # advice) and 3 GiB, GPU 1 90% and 12 GiB.
     monkeypatch.setattr(psutil, "cpu_percent", lambda percpu=False: [95.0, 15.0])
     fake_nvml.before = (0, 5)
-    lines = []
-    hook = Profiler(0.01, tmp_path, print_fn=lines.append).start()
-    time.sleep(0.1)
+    clock, lines = FakeClock(), []
+    hook = Profiler(0.01, tmp_path, print_fn=lines.append, clock=clock).start(sampler_thread=False)
+    sampled(hook, clock, 5)
     fake_nvml.before = None
     feed(hook, [2.0, 0.1, 0.1])
-    time.sleep(0.1)
+    sampled(hook, clock, 5)
     summary = hook.close()
     assert fake_nvml.shutdown
     assert summary["cpu_mean_percent"] == pytest.approx(55.0) and summary["cpu_p95_percent"] == pytest.approx(55.0)
@@ -255,10 +277,10 @@ def test_a_cpu_bottleneck(tmp_path, fake_nvml, monkeypatch):
     # A core at 95% while GPU 0 idles at 5% (GPU 1 at 90%) in every sample: CPUBottleneck's case
     monkeypatch.setattr(psutil, "cpu_percent", lambda percpu=False: [95.0, 15.0])
     fake_nvml.utilization[0] = 5
-    lines = []
-    hook = Profiler(0.01, tmp_path, print_fn=lines.append).start()
+    clock, lines = FakeClock(), []
+    hook = Profiler(0.01, tmp_path, print_fn=lines.append, clock=clock).start(sampler_thread=False)
     feed(hook, [2.0, 0.1])
-    time.sleep(0.1)
+    sampled(hook, clock, 5)
     summary = hook.close()
     assert summary["cpu_bottleneck_share"] == 1.0
     kinds = [line.split(":")[0] for line in advice_lines(lines)]
@@ -268,10 +290,10 @@ def test_a_cpu_bottleneck(tmp_path, fake_nvml, monkeypatch):
 def test_only_the_chosen_gpus_are_sampled(tmp_path, fake_nvml, monkeypatch):
     monkeypatch.setattr(psutil, "cpu_percent", lambda percpu=False: [95.0, 15.0])
     fake_nvml.utilization[0] = 5  # idle, but not this job's
-    lines = []
-    hook = Profiler(0.01, tmp_path, print_fn=lines.append, gpu_indices=[1]).start()
+    clock, lines = FakeClock(), []
+    hook = Profiler(0.01, tmp_path, print_fn=lines.append, gpu_indices=[1], clock=clock).start(sampler_thread=False)
     feed(hook, [2.0, 0.1])
-    time.sleep(0.05)
+    sampled(hook, clock, 5)
     summary = hook.close()
     assert [gpu["index"] for gpu in summary["gpus"]] == [1]
     assert summary["cpu_bottleneck_share"] == 0.0 and advice_lines(lines) == []
@@ -289,10 +311,9 @@ def test_a_profile_of_nothing_still_reports(tmp_path):
 
 def test_a_long_job_keeps_every_other_sample_and_doubles_the_interval(tmp_path, monkeypatch):
     monkeypatch.setattr(profiler, "MAX_SAMPLES", 8)
-    job = Profiler(0.5, str(tmp_path))
-    job._process = psutil.Process()
-    for _ in range(8):
-        job._sample()
+    clock = FakeClock()
+    job = Profiler(0.5, str(tmp_path), clock=clock).start(sampler_thread=False)
+    sampled(job, clock, 8, every=0.5)
     assert len(job.samples) == 4 and job.interval_seconds == 1.0
     stamps = [sample["at"] for sample in job.samples]
     assert stamps == sorted(stamps)

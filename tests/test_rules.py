@@ -1,21 +1,21 @@
-"""The Debugger rules (rules.py): each rule on numbers whose answer is known, then whole jobs that a
-rule stops: a diverging learning rate, a flat loss, a NaN with and without a model to fall back
-on, and a skewed training channel."""
+"""The Debugger rules (telemetry/rules.py): each rule on numbers whose answer is known, then whole
+jobs (in this process) that a rule stops: a diverging learning rate, a flat loss on a skewed
+training channel, a NaN with and without a model to fall back on."""
 
 import json
 import math
 import os
 import re
-import subprocess
 
 import keras
 import numpy as np
 import pytest
-from conftest import FAST_HYPERPARAMETERS, TRAIN, amazon_tsv, make_opt_ml, make_reviews, read_failure, train_env
-from review_trainer.errors import DataError
-from review_trainer.hyperparameters import Hyperparameters
-from review_trainer.rules import NON_FINITE, Rules
-from review_trainer.training_loop import StepResult
+from conftest import FAST_HYPERPARAMETERS, amazon_tsv, make_opt_ml, make_reviews, read_failure, train_in_process
+from review_trainer.contract.errors import DataError
+from review_trainer.contract.hyperparameters import Hyperparameters
+from review_trainer.telemetry.rules import NON_FINITE, Rules
+from review_trainer.training.loop import StepResult
+from review_trainer.training.steps import TensorFlowSteps
 
 
 def rules(printed=None, loss_scaling=False, **hyperparameters):
@@ -181,18 +181,30 @@ def test_the_best_weights_are_kept_at_each_better_validation_loss_and_restored(t
 
 
 # Whole jobs
-def job(tmp_path, hyperparameters, validation=True, train_rows=None, **env):
+def job(tmp_path, hyperparameters, validation=True, train_rows=None):
     channels = {"train": {"train.tsv": amazon_tsv(train_rows or make_reviews(96, 1))},
                 "test": {"test.tsv": amazon_tsv(make_reviews(16, 4))}}
     if validation:
         channels["validation"] = {"validation.tsv": amazon_tsv(make_reviews(24, 3))}
-    base = make_opt_ml(str(tmp_path / "opt_ml"), channels, {**FAST_HYPERPARAMETERS, **hyperparameters})
-    return base, env
+    return make_opt_ml(str(tmp_path / "opt_ml"), channels, {**FAST_HYPERPARAMETERS, **hyperparameters})
 
 
-def run(base, distilbert_dir, env):
-    return subprocess.run([TRAIN], env=train_env(base, distilbert_dir, **env), capture_output=True, text=True,
-                          timeout=600)
+@pytest.fixture
+def nan_from_step(monkeypatch):
+    """nan_from_step(n): the training step's loss is NaN from step n on, for a job run in this process."""
+    def inject(from_step):
+        steps_done, train = [0], TensorFlowSteps.train
+
+        def train_then_nan(self, batch, votes):
+            sums = train(self, batch, votes)
+            steps_done[0] += 1
+            if steps_done[0] >= from_step:
+                sums[0] = float("nan")
+            return sums
+
+        monkeypatch.setattr(TensorFlowSteps, "train", train_then_nan)
+
+    return inject
 
 
 def report(base):
@@ -201,9 +213,9 @@ def report(base):
 
 
 def test_a_diverging_learning_rate_stops_by_rule_and_exports_the_model(tmp_path, distilbert_dir):
-    base, env = job(tmp_path, {"learning_rate": "0.9", "epochs": "2", "rule_loss_not_decreasing": "stop",
-                               "loss_not_decreasing_num_steps": "2"})
-    result = run(base, distilbert_dir, env)
+    base = job(tmp_path, {"learning_rate": "0.9", "epochs": "2", "rule_loss_not_decreasing": "stop",
+                          "loss_not_decreasing_num_steps": "2"})
+    result = train_in_process(base, distilbert_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.path.exists(os.path.join(base, "output", "success"))
     stopped = report(base)["stopped_by"]
@@ -216,10 +228,19 @@ def test_a_diverging_learning_rate_stops_by_rule_and_exports_the_model(tmp_path,
         assert json.load(f)["stopped_by_rule"]["rule"] == "loss_not_decreasing"
 
 
-def test_a_flat_loss_stops_by_loss_not_decreasing(tmp_path, distilbert_dir):
-    base, env = job(tmp_path, {"learning_rate": "1e-9", "rule_loss_not_decreasing": "stop",
-                               "loss_not_decreasing_num_steps": "3"}, validation=False)
-    result = run(base, distilbert_dir, env)
+@pytest.fixture(scope="module")
+def flat_skewed_job(tmp_path_factory, distilbert_dir):
+    """A learning rate too small to move the loss, on a training channel of 95 five-star reviews and
+    5 one-star ones: class_imbalance logs it at the scan, loss_not_decreasing stops the run."""
+    skewed = [("a great buy", 5)] * 95 + [("a waste of money", 1)] * 5
+    base = job(tmp_path_factory.mktemp("flat"), {
+        "classes": "1,5", "learning_rate": "1e-9", "rule_loss_not_decreasing": "stop",
+        "loss_not_decreasing_num_steps": "3", "run_test": "false"}, validation=False, train_rows=skewed)
+    return base, train_in_process(base, distilbert_dir)
+
+
+def test_a_flat_loss_stops_by_loss_not_decreasing(flat_skewed_job):
+    base, result = flat_skewed_job
     assert result.returncode == 0, result.stderr[-3000:]
     stopped = report(base)["stopped_by"]
     assert stopped["rule"] == "loss_not_decreasing" and stopped["step"] % 3 == 0
@@ -227,33 +248,10 @@ def test_a_flat_loss_stops_by_loss_not_decreasing(tmp_path, distilbert_dir):
     assert "exporting the last model" in result.stdout and os.path.exists(os.path.join(base, "output", "success"))
 
 
-# Makes the training step's loss NaN from step REVIEW_TRAINER_TEST_NAN_FROM_STEP on, in the job's own process.
-NAN_INJECTION = '''
-import os
-from review_trainer import training_steps
-_from_step, _steps = int(os.environ["REVIEW_TRAINER_TEST_NAN_FROM_STEP"]), [0]
-for _cls in (training_steps.TensorFlowSteps, training_steps.JaxSteps):
-    def _train(self, batch, votes, _original=_cls.train):
-        sums = _original(self, batch, votes)
-        _steps[0] += 1
-        if _steps[0] >= _from_step:
-            sums[0] = float("nan")
-        return sums
-    _cls.train = _train
-'''
-
-
-def nan_env(tmp_path, from_step):
-    folder = tmp_path / "inject"
-    folder.mkdir()
-    (folder / "sitecustomize.py").write_text(NAN_INJECTION)
-    return {"PYTHONPATH": os.pathsep.join([str(folder), *filter(None, [os.environ.get("PYTHONPATH")])]),
-            "REVIEW_TRAINER_TEST_NAN_FROM_STEP": str(from_step)}
-
-
-def test_a_nan_loss_with_a_kept_model_exports_the_best_one_and_succeeds(tmp_path, distilbert_dir):
-    base, _ = job(tmp_path, {"epochs": "2", "enable_checkpointing": "true", "checkpoint_every_n_steps": "1"})
-    result = run(base, distilbert_dir, nan_env(tmp_path, 15))  # epoch 1 is steps 1-12
+def test_a_nan_loss_with_a_kept_model_exports_the_best_one_and_succeeds(tmp_path, distilbert_dir, nan_from_step):
+    base = job(tmp_path, {"epochs": "2", "enable_checkpointing": "true", "checkpoint_every_n_steps": "1"})
+    nan_from_step(15)  # epoch 1 is steps 1-12
+    result = train_in_process(base, distilbert_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert report(base)["stopped_by"]["rule"] == NON_FINITE and report(base)["stopped_by"]["step"] == 15
     assert report(base)["exported"]["weights"] == "best" and report(base)["exported"]["step"] == 12
@@ -263,7 +261,7 @@ def test_a_nan_loss_with_a_kept_model_exports_the_best_one_and_succeeds(tmp_path
     # The exported model is epoch 1's: its loss on the validation reviews is the val_loss logged then
     # (the weights had trained 3 more steps by the NaN)
     import tensorflow as tf
-    from review_trainer.pretrained import ReviewTokenizer, open_checkpoint
+    from review_trainer.model.pretrained import ReviewTokenizer, open_checkpoint
 
     logged = float(re.search(r"^epoch=1 step=12 .* val_loss=(\S+) ", result.stdout, re.M)[1])
     reviews = make_reviews(24, 3)
@@ -275,9 +273,10 @@ def test_a_nan_loss_with_a_kept_model_exports_the_best_one_and_succeeds(tmp_path
     assert loss == pytest.approx(logged, abs=2e-4)
 
 
-def test_a_nan_loss_without_a_kept_model_fails_with_training_error(tmp_path, distilbert_dir):
-    base, _ = job(tmp_path, {}, validation=False)
-    result = run(base, distilbert_dir, nan_env(tmp_path, 3))
+def test_a_nan_loss_without_a_kept_model_fails_with_training_error(tmp_path, distilbert_dir, nan_from_step):
+    base = job(tmp_path, {}, validation=False)
+    nan_from_step(3)
+    result = train_in_process(base, distilbert_dir)
     assert result.returncode == 8, result.stderr[-3000:]
     failure = read_failure(base)
     assert failure.startswith("TrainingError: the loss became NaN or infinite at step 3")
@@ -286,11 +285,8 @@ def test_a_nan_loss_without_a_kept_model_fails_with_training_error(tmp_path, dis
     assert not os.path.exists(os.path.join(base, "model", "tensorflow"))
 
 
-def test_a_skewed_training_channel_is_reported_at_the_scan(tmp_path, distilbert_dir):
-    skewed = [("a great buy", 5)] * 95 + [("a waste of money", 1)] * 5
-    base, env = job(tmp_path, {"classes": "1,5", "run_validation": "false", "run_test": "false", "epochs": "1",
-                               "train_steps_per_epoch": "1"}, validation=False, train_rows=skewed)
-    result = run(base, distilbert_dir, env)
+def test_a_skewed_training_channel_is_reported_at_the_scan(flat_skewed_job):
+    base, result = flat_skewed_job
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     reported = lines.index("rule=class_imbalance action=log step=0 epoch=0: the training channel has 95 rows of "

@@ -17,6 +17,9 @@ import pytest
 from conftest import FAST_HYPERPARAMETERS, IMAGE, PODMAN, REPO, TRAIN, amazon_tsv, gzipped, make_reviews, require
 from local_mode import write_network_guard, write_shims
 
+# pytest-xdist: the built image (conftest.built_image): one worker builds and runs it
+pytestmark = pytest.mark.xdist_group("image")
+
 SDK_VENV = os.path.join(REPO, ".venv-sagemaker-v2")
 SDK_PYTHON = os.path.join(SDK_VENV, "bin", "python")
 EXAMPLE = os.path.join(REPO, "examples", "sagemaker_local_v2.py")
@@ -80,7 +83,7 @@ def test_v2_local_mode_trains_the_image_and_leaves_model_and_output_archives(bui
     started = time.monotonic()
     # With step 7 on: shap and smclarify run in the image, with no network
     hyperparameters = {**FAST_HYPERPARAMETERS, "explain_samples": "2", "explain_max_seconds": "600",
-                       "bias_facet": "product_category"}
+                       "bias_facet": "product_category", "enable_profiler": "true"}
     result = run_example(sdk_env, tmp_path / "data", tmp_path / "out", *(f"{k}={v}" for k, v in hyperparameters.items()))
     print(f"\nSDK v2 local-mode run: {time.monotonic() - started:.1f} s")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -60,7 +60,7 @@ def first_pass(channel, shard, start_step=0):
 @pytest.mark.parametrize("workers", [2, 3])
 def test_fully_replicated_every_example_is_read_once_per_pass_across_the_workers(tmp_path, files, workers):
     channel = channel_of(tmp_path, "train", range(37), files)  # files of 1, 2, 3 parts: unequal shares
-    shards = [sharding.for_training(channel, FakeTopology(workers, w, 1, None), "FullyReplicated")
+    shards = [sharding.for_training(channel, FakeTopology(workers, w, 1, None), own_share=False)
               for w in range(workers)]
     assert {s.by for s in shards} == {"file" if files >= workers else "record"}
     assert {s.job_rows for s in shards} == {37}
@@ -71,11 +71,16 @@ def test_fully_replicated_every_example_is_read_once_per_pass_across_the_workers
         assert sorted(f.path for s in shards for f in s.files) == sorted(f.path for f in channel.files)
 
 
+def test_each_host_has_its_own_files_with_sharded_by_s3_key_on_several_hosts_only():
+    assert sharding.own_files("ShardedByS3Key", 2) and not sharding.own_files("ShardedByS3Key", 1)
+    assert not sharding.own_files("FullyReplicated", 2)
+
+
 @pytest.mark.parametrize("files", [1, 2, 3])
 def test_sharded_by_s3_key_each_host_reads_all_of_its_own_files_once_per_pass(tmp_path, files):
     channels = [channel_of(tmp_path, f"host-{w}", range(w * 100, w * 100 + 20 + 7 * w), files) for w in range(2)]
     rows = [c.good_rows for c in channels]
-    shards = [sharding.for_training(c, FakeTopology(2, w, 1, rows), "ShardedByS3Key") for w, c in enumerate(channels)]
+    shards = [sharding.for_training(c, FakeTopology(2, w, 1, rows), own_share=True) for w, c in enumerate(channels)]
     assert [s.by for s in shards] == ["channel", "channel"] and [s.job_rows for s in shards] == [47, 47]
     passes = [first_pass(c, s) for c, s in zip(channels, shards)]
     assert [len(p) for p in passes] == [7, 7]  # ceil(27 / 4): the host with 20 rows ends with 2 empty steps
@@ -87,7 +92,7 @@ def test_sharded_by_s3_key_each_host_reads_all_of_its_own_files_once_per_pass(tm
 def test_record_sharding_gives_each_step_the_examples_of_a_one_worker_step_with_the_global_batch(tmp_path):
     channel = channel_of(tmp_path, "train", range(45), 1)
     # Two workers with two replicas each: the global batch is 4 x 4 = 16.
-    shards = [sharding.for_training(channel, FakeTopology(2, w, 2, None), "FullyReplicated") for w in range(2)]
+    shards = [sharding.for_training(channel, FakeTopology(2, w, 2, None), own_share=False) for w in range(2)]
     global_batches = one_worker_steps(channel, 16)
     passes = [first_pass(channel, s) for s in shards]
     assert [len(p) for p in passes] == [3, 3]  # ceil(45 / 16) steps on every worker
@@ -106,7 +111,7 @@ def one_worker_steps(channel, global_batch):
 
 def test_evaluation_with_sharded_by_s3_key_steps_as_long_as_the_worker_with_most_rows(tmp_path):
     channels = [channel_of(tmp_path, f"host-{w}", range(w * 100, w * 100 + n), 1) for w, n in enumerate((9, 30))]
-    shards = [sharding.for_evaluation(c, FakeTopology(2, w, 1, [9, 30]), "ShardedByS3Key") for w, c in enumerate(channels)]
+    shards = [sharding.for_evaluation(c, FakeTopology(2, w, 1, [9, 30]), own_share=True) for w, c in enumerate(channels)]
     assert [s.steps_per_pass(BATCH) for s in shards] == [8, 8]  # ceil(30 / 4) for both
     small = data.make_dataset(channels[0], SPEC, None, BATCH, endless=True, shard=shards[0])
     sizes = [int(y.shape[0]) for _, y in small.take(8)]
@@ -115,6 +120,6 @@ def test_evaluation_with_sharded_by_s3_key_steps_as_long_as_the_worker_with_most
 
 def test_a_sharded_multi_replica_stream_resumed_at_a_step_reads_what_the_uninterrupted_one_did(tmp_path):
     channel = channel_of(tmp_path, "train", range(45), 1)
-    shard = sharding.for_training(channel, FakeTopology(2, 1, 2, None), "FullyReplicated")  # worker 1 of 2
+    shard = sharding.for_training(channel, FakeTopology(2, 1, 2, None), own_share=False)  # worker 1 of 2
     uninterrupted = first_pass(channel, shard)
     assert first_pass(channel, shard, start_step=2) == uninterrupted[2:]

@@ -1,28 +1,26 @@
-"""Spot-safe training: checkpoints, exact resume, and a clean stop on SIGTERM."""
+"""Spot-safe training: checkpoints, exact resume, and a clean stop on SIGTERM.
+
+The stop tests hold the step they name until the signal has arrived (conftest.run_until_held_then_signal),
+so each stops after exactly that step."""
 
 import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
 import pytest
-from conftest import (
-    FAST_HYPERPARAMETERS,
-    TRAIN,
-    amazon_tsv,
-    make_opt_ml,
-    make_reviews,
-    read_failure,
-    run_train,
-    train_env,
-)
-from review_trainer import checkpointing
+from conftest import (FAST_HYPERPARAMETERS, amazon_tsv, make_opt_ml, make_reviews, read_failure,
+                      run_until_held_then_signal, train_in_process)
+from review_trainer.training import checkpoints
+
+# pytest-xdist: the module's uninterrupted run, made once
+pytestmark = pytest.mark.xdist_group("spot")
 
 SPOT_HYPERPARAMETERS = {
     **FAST_HYPERPARAMETERS, "epochs": "2", "log_every_n_steps": "1", "checkpoint_every_n_steps": "4",
@@ -42,31 +40,16 @@ def spot_job(base, hyperparameters=None):
 
 
 def final_state(base):
-    store = checkpointing.CheckpointStore(os.path.join(base, "checkpoints"), keep=2)
+    store = checkpoints.CheckpointStore(os.path.join(base, "checkpoints"), keep=2)
     saved = store.latest()
-    with np.load(os.path.join(saved.path, checkpointing.STATE_FILE)) as arrays:
+    with np.load(os.path.join(saved.path, checkpoints.STATE_FILE)) as arrays:
         return saved.global_step, [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
-
-
-def run_until_step_then_signal(base, pretrained, step, signum=signal.SIGTERM):
-    """Starts `train`, sends the signal once the log shows `step`, returns (exit code, log, seconds to exit)."""
-    process = subprocess.Popen([TRAIN], env=train_env(base, pretrained, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    lines = []
-    signalled_at = None
-    for line in process.stdout:
-        lines.append(line)
-        if signalled_at is None and re.match(rf"epoch=\d+ step={step} ", line):
-            process.send_signal(signum)
-            signalled_at = time.monotonic()
-    exit_code = process.wait(timeout=120)
-    assert signalled_at is not None, "".join(lines)
-    return exit_code, "".join(lines), time.monotonic() - signalled_at
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, distilbert_dir):
     base = spot_job(str(tmp_path_factory.mktemp("uninterrupted")))
-    result = run_train(base, distilbert_dir)
+    result = train_in_process(base, distilbert_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     return base, result
 
@@ -78,7 +61,7 @@ def test_checkpoints_every_n_steps_and_at_epoch_end_keeping_the_last_two(uninter
     assert sorted(os.listdir(os.path.join(base, "checkpoints"))) == ["step-000000020", "step-000000024"]
     assert re.search(r"^checkpoints=6 checkpoint_seconds_total=\S+ training_seconds=\S+ checkpoint_share=\S+%$",
                      result.stdout, re.M)
-    with open(os.path.join(base, "checkpoints", "step-000000024", checkpointing.MANIFEST_FILE)) as f:
+    with open(os.path.join(base, "checkpoints", "step-000000024", checkpoints.MANIFEST_FILE)) as f:
         manifest = json.load(f)
     assert manifest["global_step"] == 24
     assert manifest["fingerprint"]["hyperparameter learning_rate"] == "0.001"
@@ -90,21 +73,14 @@ def test_sigterm_at_random_points_then_resume_ends_with_the_uninterrupted_weight
                                                                                    distilbert_dir):
     base = spot_job(str(tmp_path / "spot"))
     points = sorted(random.Random(os.environ.get("SPOT_TEST_SEED", "3")).sample(range(1, 24), 3))
-    saved_step = 0
-    for point in points:
-        # The signal lands while a later step runs: the next point is after the last checkpoint.
-        exit_code, log, seconds = run_until_step_then_signal(base, distilbert_dir, max(point, saved_step + 1))
-        assert exit_code == 143, log
-        assert seconds < 30
+    for point in points:  # each run resumes from the last one's checkpoint and stops at the next point
+        exit_code, log = run_until_held_then_signal(base, distilbert_dir, point)
+        assert exit_code == 143, log[-3000:]
         failure = read_failure(base)
-        stopped = re.match(r"Stopped: the job received SIGTERM at step (\d+) of 24; a checkpoint of step (\d+) is "
-                           r"in .*/checkpoints: run the job again with the same checkpoint location", failure)
-        assert stopped and stopped[1] == stopped[2], failure  # nothing lost: the stop step is saved
-        saved_step = int(stopped[2])
+        assert re.match(rf"Stopped: the job received SIGTERM at step {point} of 24; a checkpoint of step {point} is "
+                        r"in .*/checkpoints: run the job again with the same checkpoint location", failure), failure
         assert not os.path.exists(os.path.join(base, "model", "tensorflow"))
-        if saved_step >= 23:
-            break
-    result = run_train(base, distilbert_dir)
+    result = train_in_process(base, distilbert_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"^resumed from .*/checkpoints/step-\d+: global step \d+ of 24$", result.stdout, re.M)
     step, weights = final_state(base)
@@ -112,41 +88,40 @@ def test_sigterm_at_random_points_then_resume_ends_with_the_uninterrupted_weight
     assert step == expected_step == 24
     assert len(weights) == len(expected_weights)
     for got, expected in zip(weights, expected_weights):
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6, equal_nan=False)
     assert os.path.exists(os.path.join(base, "output", "success"))
 
 
-def test_sigterm_with_checkpointing_off_says_the_progress_is_lost(tmp_path, distilbert_dir):
+def test_sigint_with_checkpointing_off_stops_with_its_own_exit_code_and_says_the_progress_is_lost(tmp_path,
+                                                                                                  distilbert_dir):
+    # SIGTERM with a checkpoint: the test above
     base = make_opt_ml(str(tmp_path), {"train": {"t.tsv": amazon_tsv(make_reviews(96))}}, SPOT_HYPERPARAMETERS)
-    exit_code, log, _ = run_until_step_then_signal(base, distilbert_dir, 3)
-    assert exit_code == 143
-    assert re.match(r"Stopped: the job received SIGTERM at step \d+ of 24; checkpointing is off, so the "
+    exit_code, log = run_until_held_then_signal(base, distilbert_dir, 3, signal.SIGINT)
+    assert exit_code == 130, log[-3000:]
+    assert re.match(r"Stopped: the job received SIGINT at step 3 of 24; checkpointing is off, so the "
                     r"progress is lost: set enable_checkpointing=true", read_failure(base))
 
 
-def test_sigint_stops_the_same_way_with_its_own_exit_code(tmp_path, distilbert_dir):
-    base = spot_job(str(tmp_path))
-    exit_code, _, _ = run_until_step_then_signal(base, distilbert_dir, 2, signal.SIGINT)
-    assert exit_code == 130 and read_failure(base).startswith("Stopped: the job received SIGINT at step")
-
-
-def test_a_checkpoint_of_another_job_fails_with_what_differs_and_resume_false_starts_fresh(tmp_path, distilbert_dir):
-    base = spot_job(str(tmp_path), {**SPOT_HYPERPARAMETERS, "epochs": "1"})
-    assert run_train(base, distilbert_dir).returncode == 0
+def test_a_checkpoint_of_another_job_fails_with_what_differs_and_resume_false_starts_fresh(tmp_path, uninterrupted,
+                                                                                            distilbert_dir):
+    base = str(tmp_path / "job")
+    shutil.copytree(uninterrupted[0], base)  # its checkpoints of steps 20 and 24, and its data
+    with open(os.path.join(base, "input", "config", "checkpointconfig.json"), "w") as f:
+        json.dump({"LocalPath": os.path.join(base, "checkpoints")}, f)  # the copy's own
     with open(os.path.join(base, "input", "data", "train", "train.tsv"), "ab") as f:
         f.write(amazon_tsv(make_reviews(8, 99)).split(b"\n", 1)[1])
     spot_job_config = os.path.join(base, "input", "config", "hyperparameters.json")
     with open(spot_job_config, "w") as f:
         json.dump({**SPOT_HYPERPARAMETERS, "learning_rate": "0.002"}, f)
-    result = run_train(base, distilbert_dir)
+    result = train_in_process(base, distilbert_dir)
     assert result.returncode == 6
     failure = read_failure(base).splitlines()[0]
-    assert re.match(r"CheckpointError: the checkpoint .*/step-000000012 was written by a different job: "
+    assert re.match(r"CheckpointError: the checkpoint .*/step-000000024 was written by a different job: "
                     r"hyperparameter learning_rate was '0.001', now '0.002'; train file train.tsv sha256 was "
                     r"'[0-9a-f]{64}', now '[0-9a-f]{64}'\. .*set resume=false", failure), failure
     with open(spot_job_config, "w") as f:
-        json.dump({**SPOT_HYPERPARAMETERS, "learning_rate": "0.002", "resume": "false"}, f)
-    result = run_train(base, distilbert_dir)
+        json.dump({**SPOT_HYPERPARAMETERS, "learning_rate": "0.002", "resume": "false", "epochs": "1"}, f)
+    result = train_in_process(base, distilbert_dir)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resume=false: deleting the checkpoints" in result.stdout and "resumed from" not in result.stdout
 
@@ -162,17 +137,17 @@ def _tiny_model():
 def test_a_corrupt_or_truncated_checkpoint_is_skipped_with_a_warning(tmp_path):
     model = _tiny_model()
     warnings = []
-    store = checkpointing.CheckpointStore(str(tmp_path), keep=3, print_fn=warnings.append)
+    store = checkpoints.CheckpointStore(str(tmp_path), keep=3, print_fn=warnings.append)
     fingerprint = {"hyperparameter seed": "1"}
     for step in (1, 2, 3):
-        store.save(checkpointing.training_variables(model), step, fingerprint)
+        store.save(checkpoints.training_variables(model), step, fingerprint)
     assert store.latest().global_step == 3
-    state = tmp_path / "step-000000003" / checkpointing.STATE_FILE
+    state = tmp_path / "step-000000003" / checkpoints.STATE_FILE
     state.write_bytes(state.read_bytes()[:-10])
     assert store.latest().global_step == 2
-    data = bytearray((tmp_path / "step-000000002" / checkpointing.STATE_FILE).read_bytes())
+    data = bytearray((tmp_path / "step-000000002" / checkpoints.STATE_FILE).read_bytes())
     data[-20] ^= 0xFF
-    (tmp_path / "step-000000002" / checkpointing.STATE_FILE).write_bytes(bytes(data))
+    (tmp_path / "step-000000002" / checkpoints.STATE_FILE).write_bytes(bytes(data))
     assert store.latest().global_step == 1
     assert any("step-000000003: state.npz has" in w and "(truncated)" in w for w in warnings)
     assert any("step-000000002: state.npz does not match its SHA-256 (corrupt)" in w for w in warnings)
@@ -180,13 +155,13 @@ def test_a_corrupt_or_truncated_checkpoint_is_skipped_with_a_warning(tmp_path):
 
 def test_restore_brings_back_weights_optimizer_state_and_dropout_seeds(tmp_path):
     model = _tiny_model()
-    store = checkpointing.CheckpointStore(str(tmp_path), keep=2)
-    store.save(checkpointing.training_variables(model), 1, {})
-    expected = [keras.ops.convert_to_numpy(v.value).copy() for v in checkpointing.training_variables(model)]
+    store = checkpoints.CheckpointStore(str(tmp_path), keep=2)
+    store.save(checkpoints.training_variables(model), 1, {})
+    expected = [keras.ops.convert_to_numpy(v.value).copy() for v in checkpoints.training_variables(model)]
     model.train_on_batch(np.ones((2, 3)), np.zeros((2, 2)))  # moves weights, moments, iterations, seeds
     fresh = _tiny_model()
-    checkpointing.restore(fresh, store.latest())
-    restored = [keras.ops.convert_to_numpy(v.value) for v in checkpointing.training_variables(fresh)]
+    checkpoints.restore(fresh, store.latest())
+    restored = [keras.ops.convert_to_numpy(v.value) for v in checkpoints.training_variables(fresh)]
     for got, want in zip(restored, expected):
         np.testing.assert_array_equal(got, want)
 
@@ -196,17 +171,17 @@ import os, signal, sys
 import numpy as np
 sys.path.insert(0, sys.argv[2])
 from test_spot_training import _tiny_model
-from review_trainer import checkpointing
+from review_trainer.training import checkpoints
 model = _tiny_model()
-store = checkpointing.CheckpointStore(sys.argv[1], keep=2)
-store.save(checkpointing.training_variables(model), 1, {})
+store = checkpoints.CheckpointStore(sys.argv[1], keep=2)
+store.save(checkpoints.training_variables(model), 1, {})
 real_savez = np.savez
 def savez_then_die(file, *arrays):
     real_savez(file, *arrays)
     file.flush()
     os.kill(os.getpid(), signal.SIGKILL)  # the state file is written, the manifest is not
 np.savez = savez_then_die
-store.save(checkpointing.training_variables(model), 2, {})
+store.save(checkpoints.training_variables(model), 2, {})
 """
 
 
@@ -215,14 +190,14 @@ def test_sigkill_while_writing_leaves_the_previous_checkpoint_intact_and_used(tm
                             capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert sorted(os.listdir(tmp_path)) == [".tmp-step-000000002", "step-000000001"]
-    store = checkpointing.CheckpointStore(str(tmp_path), keep=2)
+    store = checkpoints.CheckpointStore(str(tmp_path), keep=2)
     assert store.latest().global_step == 1
     store.remove_temporary()
     assert os.listdir(tmp_path) == ["step-000000001"]
 
 
 def test_auto_interval_keeps_saving_under_five_percent_of_step_time():
-    checkpointer = checkpointing.Checkpointer(None, {}, None, 0, "auto")
+    checkpointer = checkpoints.Checkpointer(None, {}, None, 0, "auto")
     assert checkpointer.interval() == float("inf")  # step time not measured yet
     checkpointer._step_seconds = [0.5] * 10
     checkpointer.last_save_seconds = 2.0
@@ -234,8 +209,8 @@ def test_auto_interval_keeps_saving_under_five_percent_of_step_time():
 def test_the_position_of_an_epochs_end_is_saved_even_when_its_step_was_saved_before(tmp_path):
     """Pipe mode resumes from the position (an epoch's length is known only once its pass ended):
     a save at the pass's last step by interval, or a stop there, must not keep the previous epoch's."""
-    store = checkpointing.CheckpointStore(str(tmp_path), keep=2)
-    checkpointer = checkpointing.Checkpointer(store, {}, _tiny_model(), 0, 7, print_fn=lambda _: None,
+    store = checkpoints.CheckpointStore(str(tmp_path), keep=2)
+    checkpointer = checkpoints.Checkpointer(store, {}, _tiny_model(), 0, 7, print_fn=lambda _: None,
                                               resume_by_position=True)
     checkpointer.on_step_end(7)  # the pass's last step, saved by interval before anyone knows
     assert store.latest().position == {"epochs_done": 0, "epoch_start_step": 0}
@@ -250,20 +225,21 @@ def test_the_position_of_an_epochs_end_is_saved_even_when_its_step_was_saved_bef
 
 
 def test_a_host_without_a_store_saves_nothing_and_says_the_chief_writes():
-    worker = checkpointing.Checkpointer(None, {}, _tiny_model(), 5, 1, checkpointing_on=True)
+    worker = checkpoints.Checkpointer(None, {}, _tiny_model(), 5, 1, checkpointing_on=True)
     worker.on_step_end(6)
     worker.on_epoch_end(1, 6)
     assert worker.on_stop(6) == "this host is not the chief; the chief host writes the checkpoint"
     assert worker.saves == 0  # the two-host run checks the worker's folders (test_distributed.py)
 
 
-def test_a_checkpoint_folder_that_cannot_be_created_is_a_checkpoint_error_naming_it(tmp_path, distilbert_dir):
+def test_a_checkpoint_folder_that_cannot_be_created_is_a_checkpoint_error_naming_it(tmp_path, distilbert_dir,
+                                                                                     run_in_process):
     base = spot_job(str(tmp_path / "job"))
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     with open(os.path.join(base, "input", "config", "checkpointconfig.json"), "w") as f:
         json.dump({"LocalPath": str(blocker / "checkpoints")}, f)
-    result = run_train(base, distilbert_dir)
+    result = run_in_process(base, distilbert_dir)
     assert result.returncode == 6, result.stderr[-2000:]
     assert read_failure(base).splitlines()[0] == (
         f"CheckpointError: the checkpoint folder {blocker}/checkpoints cannot be created or written (Not a directory); "

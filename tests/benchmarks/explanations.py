@@ -10,8 +10,9 @@ import argparse
 import time
 
 import numpy as np
-from review_trainer import explanations, insights
-from review_trainer.predict import Predictor
+from review_trainer.insights import explanations
+from review_trainer.insights import reports
+from review_trainer.cli.predict import Predictor
 
 TEST_FILE = "tests/fixtures/opt_ml/input/data/test/movie5_sample_test.tsv"
 
@@ -47,12 +48,12 @@ def main():
         texts = [line.rstrip("\n").split("\t")[header.index("review_body")] for line in f][:args.reviews]
     predict_proba, labels = served_probabilities(args.model)
     runs = {}
-    for max_evals in (insights.MAX_EVALS, explanations.DEFAULT_MAX_EVALS):
+    for max_evals in (reports.MAX_EVALS, explanations.DEFAULT_MAX_EVALS):
         started = time.perf_counter()
         runs[max_evals] = explanations.explain(texts, predict_proba, labels, max_evals=max_evals)
         print(f"max_evals={max_evals}: {time.perf_counter() - started:.1f} s for {len(texts)} reviews "
               "(shap's warm-up included)")
-    ours, reference = runs[insights.MAX_EVALS], runs[explanations.DEFAULT_MAX_EVALS]
+    ours, reference = runs[reports.MAX_EVALS], runs[explanations.DEFAULT_MAX_EVALS]
     for record in ours:
         print(f"{record['label']} p={record['probability']:.2f}  top: {', '.join(top_words(record))}  "
               f"| {record['text'][:90]}")

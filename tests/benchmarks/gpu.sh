@@ -21,7 +21,7 @@ python3 tests/benchmarks/torch_gpu.py --out "$OUT/torch.json" 2>&1 | tee -a "$OU
 # The GPU image's cuDNN (CUDNN_LIB_CONFIG=GRAPH_JIT_ONLY, Dockerfile): the product's step again with
 # only the libraries that configuration keeps, from a copy of this machine's nvidia packages put
 # first on the path (JAX's plugin preloads libcudnn.so.9 from there), for both heads (bilstm: the
-# LSTM then avoids cuDNN, model.py), beside bilstm with the full cuDNN (JAX's cuDNN LSTM). Then the
+# LSTM then avoids cuDNN, model/classifier.py), beside bilstm with the full cuDNN (JAX's cuDNN LSTM). Then the
 # runs' own records must show every mapped libcudnn file in the copy and none of the removed ones.
 nvidia_dir=$(python3 -c "import nvidia.cudnn, os; print(os.path.dirname(nvidia.cudnn.__path__[0]))")
 rm -rf /tmp/cudnn-jit && mkdir -p /tmp/cudnn-jit && cp -r "$nvidia_dir" /tmp/cudnn-jit/nvidia

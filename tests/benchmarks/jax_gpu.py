@@ -33,10 +33,10 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import tiny_pretrained  # noqa: E402
-from review_trainer import checkpointing  # noqa: E402
-from review_trainer.model import build_classifier  # noqa: E402
-from review_trainer.pretrained import load_backbone, open_checkpoint  # noqa: E402
-from review_trainer.training_steps import JaxSteps  # noqa: E402
+from review_trainer.training import checkpoints  # noqa: E402
+from review_trainer.model.classifier import build_classifier  # noqa: E402
+from review_trainer.model.pretrained import load_backbone, open_checkpoint  # noqa: E402
+from review_trainer.training.steps import JaxSteps  # noqa: E402
 
 POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 NO_VOTES = np.zeros(2, np.float32)
@@ -114,12 +114,12 @@ def checkpoint_round_trip(folder, length, x, y):
         jax_steps.train((x, y), NO_VOTES)
     jax_steps.sync_model()
     with tempfile.TemporaryDirectory() as directory:
-        store = checkpointing.CheckpointStore(directory, keep=2)
-        seconds = store.save(checkpointing.training_variables(model), 3, {})
+        store = checkpoints.CheckpointStore(directory, keep=2)
+        seconds = store.save(checkpoints.training_variables(model), 3, {})
         fresh = build(folder, "mixed_bfloat16", length)
-        checkpointing.restore(fresh, store.latest())
-    saved = [np.asarray(keras.ops.convert_to_numpy(v.value)) for v in checkpointing.training_variables(model)]
-    loaded = [np.asarray(keras.ops.convert_to_numpy(v.value)) for v in checkpointing.training_variables(fresh)]
+        checkpoints.restore(fresh, store.latest())
+    saved = [np.asarray(keras.ops.convert_to_numpy(v.value)) for v in checkpoints.training_variables(model)]
+    loaded = [np.asarray(keras.ops.convert_to_numpy(v.value)) for v in checkpoints.training_variables(fresh)]
     identical = all(np.array_equal(a, b) for a, b in zip(saved, loaded))
     next_loss = [float(JaxSteps(m).train((x, y), NO_VOTES)[0]) for m in (model, fresh)]
     return {"save_seconds": round(seconds, 3), "variables": len(saved), "identical_after_restore": identical,

@@ -22,8 +22,8 @@ SETTINGS = [("float32", False), ("mixed_bfloat16", False), ("mixed_float16", Fal
 def measure(pretrained, policy, jit_compile, steps, batch_size, length):
     import keras
     import numpy as np
-    from review_trainer.model import build_classifier
-    from review_trainer.pretrained import load_backbone, open_checkpoint
+    from review_trainer.model.classifier import build_classifier
+    from review_trainer.model.pretrained import load_backbone, open_checkpoint
 
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(0)

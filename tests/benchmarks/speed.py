@@ -81,7 +81,7 @@ def reference(texts, labels, pretrained, classes):
 def product_padded_length(data_dir, pretrained, rows):
     """The mean width of one pass of the product's bucketed training batches."""
     from review_trainer import data
-    from review_trainer.pretrained import ReviewTokenizer, open_checkpoint
+    from review_trainer.model.pretrained import ReviewTokenizer, open_checkpoint
 
     folder = tempfile.mkdtemp(prefix="speed-channel-")
     try:
@@ -97,7 +97,7 @@ def product_padded_length(data_dir, pretrained, rows):
 
 
 def tokenizer_throughput(texts, pretrained):
-    from review_trainer.pretrained import ReviewTokenizer, open_checkpoint
+    from review_trainer.model.pretrained import ReviewTokenizer, open_checkpoint
 
     tokenizer = ReviewTokenizer(open_checkpoint(pretrained), MAX_LENGTH)
     started = time.perf_counter()

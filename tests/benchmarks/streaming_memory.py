@@ -41,7 +41,7 @@ def write_channel(folder, rows):
 def measure(channel_dir, pretrained):
     import tensorflow as tf  # noqa: F401 - imported before the reference reading
     from review_trainer import data
-    from review_trainer.pretrained import ReviewTokenizer, open_checkpoint
+    from review_trainer.model.pretrained import ReviewTokenizer, open_checkpoint
 
     spec = data.RowSpec("review_body", "star_rating", ("1", "2", "3", "4", "5"), 64)
     tokenizer = ReviewTokenizer(open_checkpoint(pretrained), 64)

@@ -16,7 +16,7 @@ RecordWrapperType says how the objects arrive:
 Each object (or the one stream) is gunzipped when it starts with gzip's magic and read in the format
 its first bytes show (formats.py). Parquet, read from its end, needs RecordIO (an object in memory).
 TFRecord framing is checked (lengths and their checksums), not the data checksums: pure-Python
-CRC-32C would be the slowest part of the stream, and a damaged example still has to parse.
+CRC-32C (TensorBoard's) would be the slowest part of the stream, and a damaged example still has to parse.
 """
 
 import collections
@@ -30,7 +30,7 @@ import zlib
 
 from review_trainer.data import formats
 from review_trainer.data.scan import ChannelSummary, FileSummary, check_bad_rows
-from review_trainer.errors import DataError
+from review_trainer.contract.errors import DataError
 
 RECORDIO, NO_WRAPPER = "RecordIO", "None"
 RECORDIO_MAGIC = 0xCED7230A
@@ -39,7 +39,9 @@ _READ_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
-class PipeChannel:
+class Fifos:
+    """Where a Pipe-mode channel's passes arrive, and how they are wrapped."""
+
     name: str
     prefix: str  # /opt/ml/input/data/<name>: the FIFOs are <prefix>_0, <prefix>_1, ...
     record_wrapper: str

@@ -6,7 +6,6 @@ files for the run's manifest and the checkpoint fingerprint; the stream then rea
 
 import collections
 import dataclasses
-import hashlib
 import os
 import random
 import zlib
@@ -14,8 +13,9 @@ from array import array
 
 import numpy as np
 
+from review_trainer.contract.errors import DataError
+from review_trainer.contract.files import sha256_file
 from review_trainer.data.formats import detect_format, iter_rows
-from review_trainer.errors import DataError
 
 
 @dataclasses.dataclass
@@ -42,7 +42,8 @@ class FileSummary:
 class ChannelSummary:
     name: str
     files: list
-    # With RowSpec.extra_columns (bias.py), so that a channel of any size is never held in memory:
+    spec: object = None  # the formats.RowSpec it was scanned with (its extra columns included)
+    # With RowSpec.extra_columns (insights/bias.py), so that a channel of any size is never held in memory:
     # a uniform sample of (class index, *extra values) of the good rows, at most SAMPLE_ROWS, and
     # the rows per value of each extra column, counted over every good row
     sample: list = dataclasses.field(default_factory=list)
@@ -124,7 +125,7 @@ def scan_channel(name, channel_dir, spec, max_bad_row_fraction, facet_values=())
                 f"({type(error).__name__}: {error}); is it truncated?"
             ) from error
         summaries.append(summary)
-    channel = ChannelSummary(name, summaries, sample, extra_values)
+    channel = ChannelSummary(name, summaries, spec, sample, extra_values)
     check_bad_rows(channel, max_bad_row_fraction)
     return channel
 
@@ -164,19 +165,24 @@ def _format_counts(counter):
     return ", ".join(f"{reason}: {count}" for reason, count in sorted(counter.items()))
 
 
-def sha256_file(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def first_texts(channel, count):
+    """The first `count` good reviews of a scanned channel (its file order)."""
+    texts = []
+    for summary in channel.files:
+        for text, label, *_ in iter_rows(summary, channel.spec):
+            if not isinstance(label, str):
+                texts.append(text)
+                if len(texts) == count:
+                    return texts
+    return texts
 
 
-def read_extras(channel, spec):
+def read_extras(channel):
     """The class index and extra values of every good row of a scanned channel, in the order the
     evaluation reads them (its files in order, each from the top): the test set's facets beside its
     predictions. Compact, 4 bytes a row and column: (class indexes, [(codes, values) per extra
     column]), int32 arrays, values[code] the value."""
+    spec = channel.spec
     labels, codes = array("i"), [array("i") for _ in spec.extra_columns]
     values = [{} for _ in spec.extra_columns]
     for summary in channel.files:

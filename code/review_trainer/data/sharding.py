@@ -74,12 +74,18 @@ def whole(channel, local_replicas=1):
     return Shard(CHANNEL, tuple(channel.files), local_replicas, local_replicas, worker_rows=(channel.good_rows,))
 
 
-def for_training(channel, topology, distribution_type):
-    """This worker's part of the training channel, and why it was chosen."""
+def own_files(distribution_type, num_workers):
+    """Whether each worker has only its own share of a channel's files: ShardedByS3Key on several
+    workers (SageMaker gave each host its own objects). The one place this is decided."""
+    return num_workers > 1 and distribution_type == SHARDED_BY_S3_KEY
+
+
+def for_training(channel, topology, own_share):
+    """This worker's part of the training channel, and why it was chosen; own_share: own_files()."""
     workers = topology.num_workers
     if workers == 1:
         return dataclasses.replace(whole(channel, topology.local_replicas), reason="one worker reads the whole channel")
-    if distribution_type == SHARDED_BY_S3_KEY:
+    if own_share:
         return _own_files(channel, topology)
     with_rows = [f for f in channel.files if f.good_rows]
     if len(with_rows) >= workers:
@@ -92,9 +98,9 @@ def for_training(channel, topology, distribution_type):
         reason=f"FullyReplicated with {len(with_rows)} file(s) for {workers} workers: fewer files than workers, by record")
 
 
-def for_evaluation(channel, topology, distribution_type):
-    """Each example once across the job's replicas: by record, or each host its own files (ShardedByS3Key)."""
-    if topology.num_workers > 1 and distribution_type == SHARDED_BY_S3_KEY:
+def for_evaluation(channel, topology, own_share):
+    """Each example once across the job's replicas: by record, or each host its own files (own_files())."""
+    if own_share:
         return _own_files(channel, topology)
     return by_record(channel, topology)
 

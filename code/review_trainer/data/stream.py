@@ -3,12 +3,13 @@
 Training reads an endless stream, pass 0, pass 1, ... of this worker's files (see sharding.py for
 which files and which slice of each batch); validation and test read the files once, in order.
 A Pipe-mode channel is read a pass at a time instead, each pass a FIFO (PipePasses, pipe.py).
+channels.py hands these to the job behind one Channel type.
 """
 
 import numpy as np
 from review_trainer.data import pipe, sharding
 from review_trainer.data.formats import TFRECORD, iter_rows
-from review_trainer.errors import DataError
+from review_trainer.contract.errors import DataError
 
 _TOKENIZE_CHUNK = 512  # rows per tokenizer call
 _SHUFFLE_BUFFER = 10_000  # examples
@@ -81,10 +82,10 @@ class PipePasses:
     different numbers of rows (their FIFOs differ).
     """
 
-    def __init__(self, channel, spec, tokenizer, batch_size, max_bad_row_fraction, shard=None, *, seed=None,
+    def __init__(self, fifos, spec, tokenizer, batch_size, max_bad_row_fraction, shard=None, *, seed=None,
                  topology=None, bucket_by_length=False, stage=None):
-        self.channel, self.spec, self.tokenizer = channel, spec, tokenizer
-        self.stage = stage or (lambda batches: batches)  # the last stage of a training pass (frozen_encoder.py)
+        self.fifos, self.spec, self.tokenizer = fifos, spec, tokenizer
+        self.stage = stage or (lambda batches: batches)  # the last stage of a training pass (model/frozen_encoder.py)
         self.batch_size, self.max_bad_row_fraction = batch_size, max_bad_row_fraction
         self.shard = shard or sharding.Shard(sharding.CHANNEL, ())
         self.seed = seed  # None: not shuffled (evaluation)
@@ -102,12 +103,12 @@ class PipePasses:
         import tensorflow as tf
 
         fifo_index, self.opened = self.opened, self.opened + 1
-        counts = self.counts = pipe.PassCounts(self.channel.fifo(fifo_index))
+        counts = self.counts = pipe.PassCounts(self.fifos.fifo(fifo_index))
         length = self.spec.max_seq_length
 
         def chunks():
             try:
-                yield from _chunks(pipe.read_pass(self.channel, fifo_index, self.spec, counts), self.tokenizer)
+                yield from _chunks(pipe.read_pass(self.fifos, fifo_index, self.spec, counts), self.tokenizer)
             except DataError as error:  # tf.data would turn it into its own error: `finish` raises it
                 counts.error = error
             except OSError as error:
@@ -126,18 +127,18 @@ class PipePasses:
 
     def finish(self):
         counts = self.counts
-        print(counts.describe(self.channel.name))
+        print(counts.describe(self.fifos.name))
         if self.topology is not None and self.topology.num_workers > 1:
             failed, rows = self.topology.sum_over_workers([counts.error is not None, counts.good_rows])
             if failed and counts.error is None:
-                counts.error = DataError(f"channel {self.channel.name!r}: the pass broke off on another host "
+                counts.error = DataError(f"channel {self.fifos.name!r}: the pass broke off on another host "
                                          "(its failure file says why)")
             elif rows != counts.good_rows * self.topology.num_workers and counts.error is None:
                 counts.error = DataError(
-                    f"channel {self.channel.name!r}: the hosts read different numbers of rows in the same pass "
+                    f"channel {self.fifos.name!r}: the hosts read different numbers of rows in the same pass "
                     f"({counts.good_rows} here, {int(rows)} in all); with FullyReplicated every host's FIFO should "
                     "carry the whole channel")
-        counts.check(self.channel.name, self.max_bad_row_fraction)
+        counts.check(self.fifos.name, self.max_bad_row_fraction)
         self.passes.append({"fifo": counts.fifo, "objects": counts.objects, "rows": counts.good_rows,
                             "bad_rows": dict(counts.bad_rows)})
         return counts
