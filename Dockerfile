@@ -75,7 +75,7 @@ RUN python3.11 -m venv /opt/venv \
 #   runtime-compiled engines. Neither model calls anything else: they have no convolution, Keras's
 #   attention takes its einsum path (the checkpoints' attention dropout), XLA's cuDNN GEMM fusions
 #   are off by default, and the bilstm head's LSTM then avoids cuDNN's RNN kernel on both backends
-#   (model.py). XLA's cuDNN start-up needs only the graph library (cudnnCreate, cudnnGetProperty).
+#   (model/classifier.py). XLA's cuDNN start-up needs only the graph library (cudnnCreate, cudnnGetProperty).
 #   NVIDIA supports this configuration from Ampere on. --build-arg CUDNN_LIB_CONFIG=FULL keeps all.
 # TensorFlow's and JAX's own shared libraries ship with their full symbol tables (about 0.5 GB):
 # `strip --strip-unneeded` keeps the dynamic symbols that loading and linking use, so only the

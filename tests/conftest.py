@@ -43,7 +43,7 @@ _SUBJECTS = ["this movie", "the book", "this product", "the story", "the acting"
 FAST_HYPERPARAMETERS = {
     "epochs": "1", "train_batch_size": "8", "validation_batch_size": "8", "test_batch_size": "8",
     "max_seq_length": "16", "learning_rate": "0.001", "log_every_n_steps": "2", "use_amp": "false",
-    # shap's first explanation compiles its numba functions (about 6 s): only the tests of step 7 pay it
+    # shap's first explanation compiles its numba functions (about 6 s): only the tests of the explanations pay it
     "explain_samples": "0",
     # the profile report's sampler thread and plots: only the jobs that check the report pay for them
     "enable_profiler": "false",

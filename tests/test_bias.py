@@ -158,7 +158,7 @@ def test_positive_labels_default_to_the_top_two_classes():
 
 
 def test_what_smclarify_cannot_compute_is_carried_not_raised():
-    facets, labels, predicted, _ = reviews()
+    facets, labels, _, _ = reviews()
     absent = by_value(pre_training_report(labels, facets, BiasConfig(facet_values=("Garden",),
                                                                      positive_labels=("4", "5"))))
     assert list(absent) == ["Garden"]
@@ -198,7 +198,7 @@ def test_analysis_json_in_clarifys_shape():
 
 
 def test_summary_lines():
-    facets, labels, predicted, _ = reviews()
+    facets, labels, _, _ = reviews()
     analysis = analysis_json(pre_training_report(labels, facets, CONFIG),
                              post_training_report(labels, np.full(len(labels), "1"), facets, CONFIG),
                              CONFIG, "star_rating")

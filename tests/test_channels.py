@@ -58,12 +58,12 @@ def test_scanned_channels_are_opened_described_and_planned(tmp_path, distilbert_
     assert "channel=train files=1 rows=20 bad_rows=0" in lines and "channel=validation files=1 rows=12 bad_rows=0" in lines
     assert opened.train.read_once is None and opened.train.summary.good_rows == 20
     # 20 rows in batches of 8: 3 steps an epoch
-    training = opened.training
+    training = opened.train_passes
     assert (training.steps_per_epoch, training.total_steps, training.resumes_by_position) == (3, 3, False)
     assert training.resume_point(0, {}) == (1, 0)
     training.start(0)
     assert sorted(len(labels) for _, labels in training.epoch(1)) == [4, 8, 8]  # shuffled by length buckets
-    assert [sum(len(labels) for _, labels in opened.evaluation.epoch(epoch)) for epoch in (1, 2)] == [12, 12]
+    assert [sum(len(labels) for _, labels in opened.validation_passes.epoch(epoch)) for epoch in (1, 2)] == [12, 12]
     assert list(opened.train.fingerprint()) == ["train file a.tsv sha256"]
     manifest = opened.manifest()
     assert [f["good_rows"] for f in manifest["data"]["train"]] == [20] and manifest["pipe_mode"] == {}
@@ -102,3 +102,8 @@ def test_what_pipe_mode_cannot_do_is_refused_at_the_start(tmp_path, hyperparamet
     with pytest.raises(error, match=message):
         data.check_inputs(env, Hyperparameters.from_dict(hyperparameters), workers)
     channels_module.check_inputs(env, Hyperparameters.from_dict({}), 1)  # fine on one host without the setting
+    # A channel the job does not read is not checked: validation with run_validation=false, an unknown one
+    skipped = Hyperparameters.from_dict({**hyperparameters, "run_validation": "false"})
+    data.check_inputs(env, skipped, workers)
+    env.pipe_channels["extra"], env.channel_distribution["extra"] = ("/fifo", "None"), "ShardedByS3Key"
+    data.check_inputs(env, skipped, workers)

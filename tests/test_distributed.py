@@ -114,30 +114,25 @@ def run_on_two_cpu_devices(base, pretrained):
 
 def test_mirrored_on_two_devices_ends_with_the_weights_of_one_device_with_the_same_global_batch(
         tmp_path, deterministic_dir, one_device_run):
-    base = job(tmp_path, {"train_batch_size": "8", "distribution": "mirrored"})
+    # Half the one-device job's learning rate, scaled by the 2 replicas (scale_learning_rate): the same
+    # optimizer steps, so the same weights
+    base = job(tmp_path, {"train_batch_size": "8", "distribution": "mirrored", "learning_rate": "0.0005",
+                          "scale_learning_rate": "true"})
     result = run_on_two_cpu_devices(base, deterministic_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert ("distribution=mirrored replicas=2 workers=1 worker_index=0 per_replica_batch=8 global_batch=16 "
-            "reason=distribution=mirrored learning_rate=0.001") in result.stdout
+            "reason=distribution=mirrored learning_rate=0.001 (scale_learning_rate: 0.0005 x 2 replicas)") in result.stdout
     assert f"training: 2 epoch(s) of {STEPS // 2} steps" in result.stdout
+    saved = checkpoints.CheckpointStore(os.path.join(base, "checkpoints"), keep=2).latest()
+    with open(os.path.join(saved.path, checkpoints.MANIFEST_FILE)) as f:
+        paths = [path for path, _ in json.load(f)["variables"]]
+    with np.load(os.path.join(saved.path, checkpoints.STATE_FILE)) as arrays:
+        rates = [float(arrays[f"arr_{i}"]) for i, path in enumerate(paths) if path.endswith("learning_rate")]
+    assert rates == [pytest.approx(0.001)]  # the optimizer's
     assert_same_weights(base, one_device_run[0])
     assert_same_metrics(result.stdout, one_device_run[1])
     with open(os.path.join(base, "model", "manifest.json")) as f:
         assert json.load(f)["distribution"] == {"strategy": "mirrored", "workers": 1, "replicas": 2}
-
-
-def test_scale_learning_rate_multiplies_the_optimizers_rate_by_the_replicas(tmp_path, deterministic_dir):
-    base = job(tmp_path, {"distribution": "mirrored", "scale_learning_rate": "true", "epochs": "1",
-                          "train_steps_per_epoch": "1", "run_validation": "false", "run_test": "false"})
-    result = run_on_two_cpu_devices(base, deterministic_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "learning_rate=0.002 (scale_learning_rate: 0.001 x 2 replicas)" in result.stdout
-    saved = os.path.join(base, "checkpoints", "step-000000001")
-    with open(os.path.join(saved, "checkpoint.json")) as f:
-        paths = [path for path, _ in json.load(f)["variables"]]
-    with np.load(os.path.join(saved, "state.npz")) as arrays:
-        rates = [float(arrays[f"arr_{i}"]) for i, path in enumerate(paths) if path.endswith("learning_rate")]
-    assert rates == [pytest.approx(0.002)]
 
 
 # Several hosts: network namespaces, as root (CI runs as root).
@@ -150,22 +145,21 @@ def two_hosts():
 
 def run_hosts(hosts, bases, pretrained, until=None, then=None, timeout=300, extra_env=None):
     """Runs `train` on each host (with extra_env[host] added to its environment); once until(host,
-    log) holds, calls then(host). Returns {host: (exit code, log)} and the seconds from then() to
-    the last exit (or None)."""
+    log) holds, calls then(host). Returns {host: (exit code, log)}."""
     logs = {host: os.path.join(base, "train.log") for host, base in bases.items()}
     processes = {}
     for host, base in bases.items():
         env = train_env(base, pretrained, PYTHONUNBUFFERED="1", **(extra_env or {}).get(host, {}))
         with open(logs[host], "w") as log:
             processes[host] = hosts.start(host, [TRAIN], env, stdout=log, stderr=subprocess.STDOUT)
-    acted_at, deadline = None, time.monotonic() + timeout
+    acted, deadline = False, time.monotonic() + timeout
     while any(p.poll() is None for p in processes.values()) and time.monotonic() < deadline:
-        if until and acted_at is None:
+        if until and not acted:
             for host in bases:
                 with open(logs[host]) as f:
                     if until(host, f.read()):
                         then(host)
-                        acted_at = time.monotonic()
+                        acted = True
                         break
         time.sleep(0.05)
     for process in processes.values():
@@ -175,7 +169,7 @@ def run_hosts(hosts, bases, pretrained, until=None, then=None, timeout=300, extr
     for host, process in processes.items():
         with open(logs[host]) as f:
             results[host] = (process.wait(), f.read())
-    return results, (time.monotonic() - acted_at if acted_at else None)
+    return results
 
 
 def two_host_bases(root, hyperparameters=None, trains=None):
@@ -187,7 +181,7 @@ def two_host_bases(root, hyperparameters=None, trains=None):
 @pytest.fixture(scope="module")
 def two_host_run(tmp_path_factory, two_hosts, deterministic_dir):
     bases = two_host_bases(str(tmp_path_factory.mktemp("two-hosts")))
-    results, _ = run_hosts(two_hosts, bases, deterministic_dir)
+    results = run_hosts(two_hosts, bases, deterministic_dir)
     for host, (exit_code, log) in results.items():
         assert exit_code == 0, (host, log[-3000:])
     return bases, results
@@ -214,7 +208,6 @@ def test_two_hosts_train_one_model_with_the_weights_of_one_device_and_the_same_g
     assert os.path.exists(os.path.join(bases["algo-2"], "output", "success"))
 
 
-
 def test_two_hosts_in_pipe_mode_read_by_record_and_end_with_the_one_device_weights(
         tmp_path, two_hosts, deterministic_dir, one_device_run):
     """Pipe mode, FullyReplicated: each host streams the whole channel from its own FIFOs and keeps
@@ -231,7 +224,7 @@ def test_two_hosts_in_pipe_mode_read_by_record_and_end_with_the_one_device_weigh
             channels[name] = {file: Path(folder, file).read_bytes() for file in os.listdir(folder)}
         writers += as_pipe_job(base, channels, "RecordIO", {"train": 2, "validation": 2, "test": 1})
     try:
-        results, _ = run_hosts(two_hosts, bases, deterministic_dir)
+        results = run_hosts(two_hosts, bases, deterministic_dir)
     finally:
         for writer in writers:
             writer.close()
@@ -242,14 +235,15 @@ def test_two_hosts_in_pipe_mode_read_by_record_and_end_with_the_one_device_weigh
         assert_same_metrics(log, one_device_run[1])
     assert_same_weights(bases["algo-1"], one_device_run[0])
 
+
 def test_sigterm_to_one_host_stops_both_after_the_same_step_and_the_rerun_resumes_exactly(
         tmp_path, two_hosts, two_host_run, deterministic_dir):
     # algo-2 holds step 3 until its signal (injection.HOLD_STEP): both hosts stop after exactly that step
     bases = two_host_bases(str(tmp_path))
-    results, _ = run_hosts(two_hosts, bases, deterministic_dir,
-                           until=lambda host, log: host == "algo-2" and HOLDING.format(step=3) in log,
-                           then=lambda host: two_hosts.kill(host, signal.SIGTERM),
-                           extra_env={"algo-2": hold_step(str(tmp_path / "inject"), 3)})
+    results = run_hosts(two_hosts, bases, deterministic_dir,
+                        until=lambda host, log: host == "algo-2" and HOLDING.format(step=3) in log,
+                        then=lambda host: two_hosts.kill(host, signal.SIGTERM),
+                        extra_env={"algo-2": hold_step(str(tmp_path / "inject"), 3)})
     assert [results[host][0] for host in ("algo-1", "algo-2")] == [143, 143], results
     chief = re.match(rf"Stopped: the job received SIGTERM \(on another host\) at step (\d+) of {STEPS}; a "
                      rf"checkpoint of step (\d+) is in .*/algo-1/checkpoints: run the job again", read_failure(bases["algo-1"]))
@@ -261,7 +255,7 @@ def test_sigterm_to_one_host_stops_both_after_the_same_step_and_the_rerun_resume
     assert sorted(os.listdir(os.path.join(bases["algo-1"], "checkpoints")))[-1] == f"step-{stop_step:09d}"
     assert not os.path.exists(os.path.join(bases["algo-2"], "checkpoints"))
 
-    results, _ = run_hosts(two_hosts, bases, deterministic_dir)
+    results = run_hosts(two_hosts, bases, deterministic_dir)
     assert [results[host][0] for host in ("algo-1", "algo-2")] == [0, 0], results
     assert f"resumed from the chief's checkpoint (sent by algo-1): global step {stop_step} of {STEPS}" in results["algo-2"][1]
     assert_same_weights(bases["algo-1"], two_host_run[0]["algo-1"])
@@ -272,7 +266,7 @@ def test_a_rule_stops_every_host_after_the_same_step_and_the_chief_exports(tmp_p
     # all of them to stop after the same one. A learning rate this high makes the loss rise.
     bases = two_host_bases(str(tmp_path), {"learning_rate": "0.9", "rule_loss_not_decreasing": "stop",
                                            "loss_not_decreasing_num_steps": "2"})
-    results, _ = run_hosts(two_hosts, bases, deterministic_dir)
+    results = run_hosts(two_hosts, bases, deterministic_dir)
     assert [results[host][0] for host in ("algo-1", "algo-2")] == [0, 0], results
     stops = [re.findall(r"^training stopped by rule loss_not_decreasing after step (\d+):", results[host][1], re.M)
              for host in ("algo-1", "algo-2")]
@@ -284,7 +278,7 @@ def test_a_rule_stops_every_host_after_the_same_step_and_the_chief_exports(tmp_p
     assert not os.path.exists(os.path.join(bases["algo-2"], "model", "tensorflow"))
 
 
-def test_a_lost_host_fails_the_other_within_the_bound_naming_it(tmp_path, two_hosts, deterministic_dir):
+def test_a_lost_host_found_by_tensorflows_heartbeats_fails_the_other_naming_it(tmp_path, two_hosts, deterministic_dir):
     # ShardedByS3Key: each host has its own files (60 and 48 rows); an epoch is the steps of the larger.
     trains = {"algo-1": {"a.tsv": amazon_tsv(TRAIN_ROWS[:60])}, "algo-2": {"b.tsv": amazon_tsv(TRAIN_ROWS[60:])}}
     # A collective timeout longer than the harness waits (300 s): the loss must be found by TensorFlow's
@@ -295,9 +289,9 @@ def test_a_lost_host_fails_the_other_within_the_bound_naming_it(tmp_path, two_ho
         with open(config, "w") as f:
             json.dump({name: {"TrainingInputMode": "File", "S3DistributionType": "ShardedByS3Key"}
                        for name in ("train", "validation", "test")}, f)
-    results, _ = run_hosts(two_hosts, bases, deterministic_dir,
-                           until=lambda host, log: host == "algo-2" and "step=3 " in log,
-                           then=lambda host: two_hosts.kill(host, signal.SIGKILL))
+    results = run_hosts(two_hosts, bases, deterministic_dir,
+                        until=lambda host, log: host == "algo-2" and "step=3 " in log,
+                        then=lambda host: two_hosts.kill(host, signal.SIGKILL))
     assert results["algo-2"][0] == -signal.SIGKILL
     assert results["algo-1"][0] == 7, results["algo-1"][1][-3000:]
     failure = read_failure(bases["algo-1"])
@@ -313,11 +307,11 @@ def test_a_lost_host_fails_the_other_within_the_bound_naming_it(tmp_path, two_ho
 
 
 def test_a_host_that_never_comes_up_is_named_within_host_wait_seconds(tmp_path, two_hosts, deterministic_dir):
-    bases = two_host_bases(str(tmp_path), {"host_wait_seconds": "5"})
-    results, _ = run_hosts(two_hosts, {"algo-1": bases["algo-1"]}, deterministic_dir, timeout=120)
+    bases = two_host_bases(str(tmp_path), {"host_wait_seconds": "2"})
+    results = run_hosts(two_hosts, {"algo-1": bases["algo-1"]}, deterministic_dir, timeout=120)
     assert results["algo-1"][0] == 7  # not killed by the harness after 120 s
     assert read_failure(bases["algo-1"]).startswith(
-        "ClusterError: host(s) algo-2 did not answer on port 2222 within host_wait_seconds=5")
+        "ClusterError: host(s) algo-2 did not answer on port 2222 within host_wait_seconds=2")
 
 
 def test_resuming_with_another_number_of_hosts_fails_with_what_differs(tmp_path, two_host_run, deterministic_dir):

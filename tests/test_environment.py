@@ -8,7 +8,7 @@ from review_trainer.contract import environment
 
 def read(monkeypatch, base, **variables):
     monkeypatch.setenv("SAGEMAKER_BASE_DIR", str(base))
-    for name in ("TRAINING_JOB_NAME", "CUDNN_LIB_CONFIG", "IMAGE_VERSION", "PRETRAINED_MODEL_DIR"):
+    for name in ("TRAINING_JOB_NAME", "CUDNN_LIB_CONFIG", "IMAGE_VERSION", "PRETRAINED_MODEL_DIR", "CUDA_VISIBLE_DEVICES"):
         monkeypatch.delenv(name, raising=False)
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
@@ -27,3 +27,13 @@ def test_a_local_run_and_a_sagemaker_job_as_the_contract_reads_them(tmp_path, mo
     job = read(monkeypatch, base, TRAINING_JOB_NAME="reviews-1", CUDNN_LIB_CONFIG="GRAPH_JIT_ONLY", IMAGE_VERSION="1.2")
     assert (job.under_sagemaker, job.job_name, job.cudnn_lib_config, job.image_version) == (
         True, "reviews-1", "GRAPH_JIT_ONLY", "1.2")
+
+
+def test_the_gpus_are_those_cuda_visible_devices_leaves(tmp_path, monkeypatch):
+    from sagemaker_training import environment as sagemaker_environment
+
+    monkeypatch.setattr(sagemaker_environment, "num_gpus", lambda: 8)  # nvidia-smi counts every GPU
+    base = make_opt_ml(str(tmp_path), {"train": {}})
+    assert read(monkeypatch, base).num_gpus == 8
+    assert read(monkeypatch, base, CUDA_VISIBLE_DEVICES="0,3").num_gpus == 2
+    assert read(monkeypatch, base, CUDA_VISIBLE_DEVICES="").num_gpus == 0

@@ -62,11 +62,13 @@ def test_a_frozen_encoder_runs_in_inference_mode_even_in_a_training_call(distilb
     parts, backbone = frozen_classifier(distilbert_dir, head)
     x = inputs(4)
     first, second = (np.asarray(parts.encoder(x, training=True)) for _ in range(2))
+    assert np.isfinite(first).all()
     np.testing.assert_array_equal(first, second)
     np.testing.assert_allclose(first, independent_encoder_output(backbone, head, **x), atol=1e-6, equal_nan=False)
     # The same backbone trainable: dropout is on in a training call, so the check above can fail.
     trainable = build_classifier_parts(load_backbone(open_checkpoint(distilbert_dir)), 5, MAX_LENGTH, head=head)
-    assert not np.allclose(np.asarray(trainable.encoder(x, training=True)), np.asarray(trainable.encoder(x, training=True)))
+    dropped = [np.asarray(trainable.encoder(x, training=True)) for _ in range(2)]
+    assert np.isfinite(dropped).all() and not np.allclose(*dropped)
 
 
 @pytest.mark.parametrize("head", ["cls", "bilstm"])
@@ -261,6 +263,7 @@ def test_the_cached_frozen_job_ends_with_the_uncached_jobs_weights_and_metrics(t
     compared = 0
     for index, variable in enumerate(parts.model.variables):
         if id(variable) in encoder_ids:
+            assert np.isfinite(saved[index]).all(), variable.path
             np.testing.assert_array_equal(saved[index], keras.ops.convert_to_numpy(variable.value), err_msg=variable.path)
             compared += 1
     assert compared == len(backbone.weights) > 20

@@ -78,12 +78,14 @@ def moto_ecr():
         port = s.getsockname()[1]
     server = subprocess.Popen([tool("moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 60
+    while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             break
         except OSError:
+            assert server.poll() is None, f"moto_server exited with {server.returncode}"
+            assert time.monotonic() < deadline, "moto_server did not listen within 60 s"
             time.sleep(0.2)
     yield f"http://127.0.0.1:{port}"
     server.terminate()
@@ -238,7 +240,7 @@ def test_without_installed_drops_what_the_python_already_has(tmp_path):
 
 
 def test_region_option_wins_over_the_environment(tmp_path, moto_ecr):
-    result, calls = run_build_and_push(tmp_path, moto_ecr, "--region", "ap-south-1", AWS_REGION="us-west-2")
+    result, _ = run_build_and_push(tmp_path, moto_ecr, "--region", "ap-south-1", AWS_REGION="us-west-2")
     assert result.returncode == 0, result.stderr
     assert ".dkr.ecr.ap-south-1.amazonaws.com/review-trainer:" in result.stdout
     result, _ = run_build_and_push(tmp_path, moto_ecr, AWS_REGION="us-west-2")

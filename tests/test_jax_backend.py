@@ -1,4 +1,4 @@
-"""backend=jax: the same job on Keras's JAX backend (training_steps.JaxSteps), its checkpoints, exact
+"""backend=jax: the same job on Keras's JAX backend (training/steps.py: JaxSteps), its checkpoints, exact
 resume and SavedModel; and which backend `auto` picks on which devices (backend.py)."""
 
 import json

@@ -190,8 +190,6 @@ def test_a_missing_fifo_and_a_wrong_wrapper_say_what_to_check(tmp_path):
         writer.close()
 
 
-
-
 # The job end to end: two epochs in Pipe mode give File mode's metrics on the same data.
 
 JOB_HYPERPARAMETERS = {**FAST_HYPERPARAMETERS, "epochs": "2", "run_sample_predictions": "false"}

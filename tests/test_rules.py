@@ -136,7 +136,7 @@ def test_early_stopping_waits_patience_evaluations_without_improvement(metric, v
     job_rules = rules(rule_early_stopping="stop", early_stopping_metric=metric, early_stopping_patience="2",
                       early_stopping_min_delta=str(min_delta))
     evaluations = [(1.0, v, 0.5) if metric == "val_loss" else (1.0, 1.0, v) for v in values]
-    ended, at = epochs(job_rules, evaluations)
+    _, at = epochs(job_rules, evaluations)
     assert at == stopped_at
 
 

@@ -68,6 +68,7 @@ def tar_files(path):
 def test_v2_local_mode_trains_the_image_and_leaves_model_and_output_archives(built_image, sdk_env, tmp_path):
     rows = {"train": make_reviews(48, 21), "validation": make_reviews(16, 22), "test": make_reviews(20, 23)}
     # product_category: Books in a third of the rows, Toys in the others (the bias report's facet)
+
     def with_category(reviews):
         return [(text, stars, {"product_category": "Books" if i % 3 == 0 else "Toys"})
                 for i, (text, stars) in enumerate(reviews)]

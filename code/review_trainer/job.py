@@ -1,7 +1,8 @@
 """The training job, read top to bottom: SageMaker's contract in, an evaluated, published model out.
 
-The `train` command (cli/train.py) has read the contract, parsed the hyperparameters and chosen
-Keras's backend before importing Keras, and handles SIGTERM; then `run` calls each stage in turn,
+The `train` command (cli/train.py) has made the start-up decisions before importing Keras
+(training/startup.py: the contract, the hyperparameters, the distribution, the backend), and
+handles SIGTERM; then `run` calls each stage in turn,
 each in the module that owns it, each handing the next a small object:
 
     set-up and topology    training/stages.py      Devices: strategy, precision, XLA, learning rate
@@ -29,22 +30,22 @@ from review_trainer.telemetry.rules import Rules
 from review_trainer.training import stages
 
 
-def run(startup, stop_signal, print_fn=print):
-    """The job; startup: the contract, hyperparameters, backend and Debugger config (cli/train.py)."""
+def run(startup, stop_signal):
+    """The job; startup: the contract, settings, distribution, backend and Debugger config (training/startup.py)."""
     started = time.monotonic()  # explain_max_seconds=auto is a share of the job's time
     env, hp = startup.env, startup.hp
-    devices = stages.set_up(startup, print_fn)
+    devices = stages.set_up(startup)
     if devices.idle:  # distribution=none on several hosts: the chief alone trains
         return
     pretrained = open_for_job(hp, env)
-    channels = open_channels(env, hp, devices.topology, pretrained.tokenizer, print_fn)
-    reports.check_settings(hp, channels, devices.topology, print_fn)
-    job_rules = Rules.at_the_scan(hp, channels.train, os.path.join(env.output_data_dir, "rules.json"), print_fn)
+    channels = open_channels(env, hp, devices.topology, pretrained.tokenizer)
+    reports.check_settings(hp, channels, devices.topology)
+    job_rules = Rules.at_the_scan(hp, channels.train, os.path.join(env.output_data_dir, "rules.json"))
     state = stages.build_model(startup, devices, pretrained, channels)
-    trained = stages.train(startup, devices, pretrained, state, channels, job_rules, stop_signal, print_fn)
+    trained = stages.train(startup, devices, pretrained, state, channels, job_rules, stop_signal)
     if not trained.exports:  # the chief evaluates and exports
         return
-    evaluated = evaluation.evaluate_test(trained.model, channels, pretrained.tokenizer, hp, print_fn)
-    export.export_and_publish(startup, devices, pretrained, channels, state, trained, evaluated, print_fn)
+    evaluated = evaluation.evaluate_test(trained.model, channels, pretrained.tokenizer, hp)
+    export.export_and_publish(startup, devices, pretrained, channels, state, trained, evaluated)
     reports.after_publishing(hp, channels, trained.model, pretrained.tokenizer, evaluated, env.output_data_dir,
-                             time.monotonic() - started, stop_signal, print_fn)
+                             time.monotonic() - started, stop_signal)

@@ -1,8 +1,8 @@
 """Benchmark (GPU, not a test): the product's JAX training step, and its checkpoints, on a GPU.
 
 The GPU machines lent to this project have JAX but no TensorFlow; backend=jax (auto on one GPU)
-trains there with training_steps.JaxSteps, which this runs on the job's own model code (model.py,
-pretrained.py), DistilBERT-base's shape (random weights: no DistilBERT weights can be had there),
+trains there with training/steps.py's JaxSteps, which this runs on the job's own model code (model/classifier.py,
+model/pretrained.py), DistilBERT-base's shape (random weights: no DistilBERT weights can be had there),
 batch 128, 64 tokens, per precision:
 
 - `train_on_batch`: Keras's own single-step call, what the first GPU figures used (7,389 samples/s

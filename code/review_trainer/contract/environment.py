@@ -17,11 +17,12 @@ Nothing else in the package reads `/opt/ml` paths or `SM_*` variables. The layou
     ├── output/success | output/failure     how the job ended
     └── output/data/                        uploaded as output.tar.gz
 
-sagemaker-training's `Environment` supplies the host list and device counts; training/topology.py decides
-how they are used (strategy, replicas, chief). Its module reads
-`SAGEMAKER_BASE_DIR` once, at import, and invents a `~/sagemaker_local/...` tree when neither that
-variable nor /opt/ml exists, so the variable is set before it is imported. Its `train` runner is not
-used: it waits up to 15 minutes for every host name to resolve and does not forward SIGTERM.
+sagemaker-training's `Environment` supplies the host list and device counts (the GPUs, as
+CUDA_VISIBLE_DEVICES limits them); training/topology.py decides how they are used (strategy,
+replicas, chief). Its module reads `SAGEMAKER_BASE_DIR` once, at import, and invents a
+`~/sagemaker_local/...` tree when neither that variable nor /opt/ml exists, so the variable is set
+before it is imported. Its `train` runner is not used: it waits up to 15 minutes for every host
+name to resolve and does not forward SIGTERM.
 """
 
 import dataclasses
@@ -137,7 +138,7 @@ def read_environment():
         pipe_channels=pipe_channels,
         hosts=list(sm.hosts),
         current_host=sm.current_host,
-        num_gpus=sm.num_gpus,
+        num_gpus=_visible(sm.num_gpus),
         num_neurons=sm.num_neurons,
         num_cpus=sm.num_cpus,
         job_name=os.environ.get("TRAINING_JOB_NAME") or sm.job_name or "",
@@ -153,6 +154,15 @@ def read_environment():
         under_sagemaker="TRAINING_JOB_NAME" in os.environ,
         cudnn_lib_config=os.environ.get("CUDNN_LIB_CONFIG"),
     )
+
+
+def _visible(gpus):
+    """The GPUs this job may use: sagemaker-training counts every GPU (nvidia-smi), and
+    CUDA_VISIBLE_DEVICES, where set, names fewer ("" or -1: none)."""
+    named = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if named is None:
+        return gpus
+    return min(gpus, len([device for device in named.split(",") if device.strip() not in ("", "-1")]))
 
 
 def _read_channels(config_dir, data_dir):

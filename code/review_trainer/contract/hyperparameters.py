@@ -116,14 +116,16 @@ class Hyperparameters:
                 problems.append(f"{name}={str(value)!r}: {error}")
         if not problems:
             hyperparameters = cls(**values)
-            problems = hyperparameters._range_problems()
+            problems = [*hyperparameters._size_problems(), *hyperparameters._option_problems(),
+                        *hyperparameters._column_problems()]
         if problems:
             raise HyperparameterError(
                 "invalid hyperparameters.json: " + "; ".join(problems)
             )
         return hyperparameters
 
-    def _range_problems(self):
+    def _size_problems(self):
+        """The loop's counts, sizes and rates."""
         problems = []
         for name in ("epochs", "train_batch_size", "validation_batch_size", "test_batch_size",
                      "log_every_n_steps", "keep_checkpoints", "host_wait_seconds",
@@ -144,6 +146,13 @@ class Hyperparameters:
             problems.append(f"max_seq_length must be between 8 and 512, got {self.max_seq_length}")
         if not 0 <= self.max_bad_row_fraction <= 1:
             problems.append(f"max_bad_row_fraction must be between 0 and 1, got {self.max_bad_row_fraction}")
+        return problems
+
+    def _option_problems(self):
+        """The named choices, and the rules' and reports' settings."""
+        problems = []
+        if self.head not in HEADS:
+            problems.append(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if self.distribution not in DISTRIBUTIONS:
             problems.append(f"distribution must be one of {', '.join(DISTRIBUTIONS)}, got {self.distribution!r}")
         if self.backend not in BACKENDS:
@@ -168,6 +177,11 @@ class Hyperparameters:
             problems.append(f"explain_max_seconds must be at least 1 or auto, got {self.explain_max_seconds}")
         if self.explain_samples < 0:
             problems.append(f"explain_samples must be 0 (off) or more, got {self.explain_samples}")
+        return problems
+
+    def _column_problems(self):
+        """The columns, the classes and the bias settings that name them."""
+        problems = []
         if self.bias_positive_labels and not set(self.bias_positive_labels) <= set(self.classes):
             problems.append(f"bias_positive_labels must be among classes ({','.join(self.classes)}), got "
                             f"{','.join(self.bias_positive_labels)}")
@@ -180,8 +194,6 @@ class Hyperparameters:
             problems.append(f"bias_facet must be another column than text_column and label_column, got {self.bias_facet!r}")
         if (self.bias_facet_values or self.bias_positive_labels or self.bias_group) and not self.bias_facet:
             problems.append("bias_facet_values, bias_positive_labels and bias_group need bias_facet (the column)")
-        if self.head not in HEADS:
-            problems.append(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
             problems.append(f"classes must list at least two distinct label values, got {','.join(self.classes)}")
         if not self.text_column or not self.label_column:

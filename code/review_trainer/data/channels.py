@@ -29,24 +29,32 @@ barrier, sum_over_workers): training/topology.py is the one this package is hand
 import dataclasses
 import itertools
 
+from review_trainer.contract.environment import TRAIN_CHANNEL
 from review_trainer.contract.errors import DataError, HyperparameterError
 from review_trainer.data import pipe, scan, sharding, stream
 from review_trainer.data.formats import RowSpec
 
-TRAIN, VALIDATION, TEST = "train", "validation", "test"
+TRAIN, VALIDATION, TEST = TRAIN_CHANNEL, "validation", "test"
 _STEPS_SETTING = {TRAIN: "train_steps_per_epoch", VALIDATION: "validation_steps", TEST: "test_steps"}
 
 
+def _read_by_the_job(hp):
+    """{channel: whether the job reads it, when present}."""
+    return {TRAIN: True, VALIDATION: hp.run_validation, TEST: hp.run_test}
+
+
 def check_inputs(env, hp, num_workers):
-    """Before TensorFlow is imported: a train channel exists, and no channel asks for what its
-    input mode cannot do (DataError or HyperparameterError)."""
+    """Before TensorFlow is imported: a train channel exists, and no channel the job reads asks for
+    what its input mode cannot do (DataError or HyperparameterError)."""
     if TRAIN not in env.channel_dirs and TRAIN not in env.pipe_channels:
         present = [*env.channel_dirs, *env.pipe_channels]
         raise DataError(f"the required channel 'train' is missing: expected files under {env.base_dir}/input/data/"
                         f"train (channels present: {', '.join(present) or 'none'})")
-    for name in env.pipe_channels:
-        setting = _STEPS_SETTING.get(name)
-        if setting and getattr(hp, setting) is not None:
+    for name, read in _read_by_the_job(hp).items():
+        if not read or name not in env.pipe_channels:
+            continue
+        setting = _STEPS_SETTING[name]
+        if getattr(hp, setting) is not None:
             raise HyperparameterError(
                 f"{setting} is set, but channel {name!r} is in Pipe mode, where a pass is one FIFO, read to its end; "
                 f"unset {setting}, or use File or FastFile mode")
@@ -65,8 +73,8 @@ class Channels:
     train: "Channel"
     validation: "Channel | None"
     test: "Channel | None"
-    training: object  # the train channel's passes (StreamPasses or PipeTrainingPasses)
-    evaluation: object  # the validation channel's passes, or None
+    train_passes: "StreamPasses | PipeTrainingPasses"  # what the training loop reads of the train channel
+    validation_passes: "DatasetPasses | PipeEvaluationPasses | None"  # and of the validation channel
 
     def manifest(self):
         """manifest.json's data (each channel's files) and pipe_mode (each streamed channel's passes)."""
@@ -82,9 +90,8 @@ def open_channels(env, hp, topology, tokenizer, print_fn=print):
     training. Train and test are scanned with the bias columns (bias_facet, bias_group)."""
     spec = RowSpec(hp.text_column, hp.label_column, hp.classes, hp.max_seq_length)
     with_extras = dataclasses.replace(spec, extra_columns=tuple(c for c in (hp.bias_facet, hp.bias_group) if c))
-    wanted = {TRAIN: True, VALIDATION: hp.run_validation, TEST: hp.run_test}
     opened = {}
-    for name, is_wanted in wanted.items():
+    for name, is_wanted in _read_by_the_job(hp).items():
         if name not in env.channel_dirs and name not in env.pipe_channels:
             print_fn(f"channel={name} skipped: no {name} channel")
             continue

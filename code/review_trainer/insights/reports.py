@@ -139,7 +139,6 @@ def write_bias_report(hp, train_sample, test, out_dir, print_fn=print):
         import pandas as pd
         from review_trainer.insights import bias
 
-
         config, classes = bias_config(hp), list(hp.classes)
         train_labels, train_facets, train_groups = _columns(train_sample, classes)
         pre = bias.pre_training_report(train_labels, train_facets, config, train_groups)

@@ -5,5 +5,5 @@
     transformers_export.py  hf/: the `cls` classifier in transformers' layout, for PyTorch
     manifest.py             manifest.json: what made the model (settings, data, versions, outcome)
 
-Imports the contract, data and model; the training stage's results are handed in.
+Imports the contract, model and telemetry; the data and the training stage's results are handed in.
 """

@@ -70,6 +70,7 @@ def print_sample_predictions(model, tokenizer, classes, print_fn=print):
         print_fn(f"sample_prediction label={classes[probabilities.argmax()]} confidence={probabilities.max():.3f} "
                  f"text={text!r}")
 
+
 _BOOTSTRAP_ROUNDS = 200
 
 

@@ -78,7 +78,7 @@ def write_label_map(classes, path):
 
 def library_versions():
     names = ("tensorflow", "tensorflow-cpu", "keras", "keras-hub", "tokenizers", "numpy",
-             "sagemaker-training", "scikit-learn", "pyarrow")
+             "sagemaker-training", "pyarrow", "shap", "smclarify")
     versions = {"python": platform.python_version()}
     for name in names:
         try:

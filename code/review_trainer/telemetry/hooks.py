@@ -42,7 +42,7 @@ def for_training(env, hp, is_chief, hook_config, *, model, learning_rate, steps_
     """hook_config: debughookconfig.json as read at the start (None without one); learning_rate:
     the optimizer's, for the tensors and TensorBoard; graph: write the forward graph to TensorBoard
     (the TensorFlow backend: JAX's programs are not TensorFlow graphs)."""
-    telemetry = Telemetry([MetricLogger(hp.log_every_n_steps, steps_per_epoch, total_steps)])
+    telemetry = Telemetry([MetricLogger(hp.log_every_n_steps, steps_per_epoch, total_steps, print_fn)])
     if not is_chief:
         return telemetry
     if hook_config is not None:
@@ -52,7 +52,8 @@ def for_training(env, hp, is_chief, hook_config, *, model, learning_rate, steps_
         print_fn(f"debugger_tensors={hook_config.local_path} collections={','.join(hook_config.collections)} "
                  "(smdebug's layout)")
     if hp.enable_profiler:
-        telemetry.profile = profiler.Profiler(profiler.interval_from_config(env.profiler_config), env.output_data_dir)
+        telemetry.profile = profiler.Profiler(profiler.interval_from_config(env.profiler_config), env.output_data_dir,
+                                              print_fn)
         telemetry.hooks.append(telemetry.profile)
     if hp.enable_tensorboard:
         telemetry.tensorboard = TensorBoardLog(env.tensorboard_dir, hp.log_every_n_steps, learning_rate,

@@ -19,7 +19,7 @@ through jax2tf), so TF Serving and `predict` see no difference.
 
 What JAX cannot do fails at the start, before Keras is imported (`decide`): use_xla=false, and a
 distribution over several devices or hosts. Keras reads KERAS_BACKEND once, when it is first
-imported: `select` runs before anything imports keras (cli/train.py, the `train` command).
+imported: `select` runs before anything imports keras (startup.py, for the `train` command).
 """
 
 import dataclasses
@@ -57,20 +57,20 @@ def choose(requested, *, num_hosts, num_gpus, num_neurons, distribution, use_xla
     return TENSORFLOW, "auto: a CPU, where TensorFlow was measured faster than JAX (README)"
 
 
-def decide(env, hp):
-    """The job's backend, or a HyperparameterError for what the JAX step cannot do."""
+def decide(env, hp, distribution):
+    """The job's backend, or a HyperparameterError for what the JAX step cannot do (distribution:
+    the topology.Distribution chosen at start-up)."""
     name, reason = choose(hp.backend, num_hosts=len(env.hosts), num_gpus=env.num_gpus, num_neurons=env.num_neurons,
                           distribution=hp.distribution, use_xla=hp.use_xla)
     if name == JAX and hp.use_xla is False:
         raise HyperparameterError("use_xla=false, but backend=jax always compiles with XLA: set use_xla=auto "
                                   "(or true), or backend=tensorflow")
-    kind, kind_reason = topology.choose(hp.distribution, len(env.hosts), env.num_gpus)
-    if name == JAX and kind != topology.NONE:
+    if name == JAX and distribution.kind != topology.NONE:
         advice = ("Neuron devices train only through JAX: run the job on one instance, or set distribution=none"
                   if env.num_neurons else
                   "set backend=tensorflow (or auto) to train on all of them, or distribution=none to train on one")
-        raise HyperparameterError(f"backend=jax trains on one device, but this job would use distribution={kind} "
-                                  f"({kind_reason}): {advice}")
+        raise HyperparameterError(f"backend=jax trains on one device, but this job would use distribution="
+                                  f"{distribution.kind} ({distribution.reason}): {advice}")
     return Backend(name, reason)
 
 

@@ -69,6 +69,20 @@ class StepResult:
     input_seconds: float  # of which waiting for the batch
 
 
+class _Hooks:
+    """The hooks a run calls: each method on the hooks that have it, in order."""
+
+    def __init__(self, hooks):
+        self.hooks = hooks
+
+    def call(self, name, *args):
+        return [getattr(hook, name)(*args) for hook in self.hooks if hasattr(hook, name)]
+
+    def first_end(self, name, *args):
+        """The first end of the run a hook returned, if any did."""
+        return next((result for result in self.call(name, *args) if result is not None), None)
+
+
 class TrainingLoop:
     def __init__(self, topology, model, *, jit_compile, batch_sizes, backend="tensorflow", head=None):
         """head: the model's head alone, for batches of cached encoder outputs (model/frozen_encoder.py)."""
@@ -89,7 +103,6 @@ class TrainingLoop:
         have ended."""
         import tensorflow as tf  # tf.data feeds both backends
 
-        votes = stop_signal.votes(step)
         try:
             with self.topology.collectives(what):
                 waiting_since = time.perf_counter()
@@ -99,14 +112,15 @@ class TrainingLoop:
                     return None, None, None
                 finally:
                     self.input_seconds += time.perf_counter() - waiting_since
-                sums = step_fn(batch, votes)
+                # The votes once the batch is here: a signal that arrived while it was read counts now
+                sums = step_fn(batch, stop_signal.votes(step))
         except Exception as error:
             if not self.steps.out_of_memory(error):
                 raise
+            message = getattr(error, "message", str(error)).strip().splitlines()[0][:200]
             raise ResourceError(
-                f"out of memory during {what} with {batch_size_name}={self.batch_sizes[batch_size_name]} "
-                f"examples per replica ({getattr(error, 'message', str(error)).strip().splitlines()[0][:200]}); lower {batch_size_name} "
-                "or max_seq_length, or use an instance with more memory"
+                f"out of memory during {what} with {batch_size_name}={self.batch_sizes[batch_size_name]} examples per "
+                f"replica ({message}); lower {batch_size_name} or max_seq_length, or use an instance with more memory"
             ) from error
         totals = Totals(float(sums[0]), float(sums[1]), float(sums[2]))
         stop = next((reason for reason, vote in zip(STOP_REASONS, sums[4:]) if vote > 0), None)
@@ -121,45 +135,25 @@ class TrainingLoop:
         validation: the validation passes, or None. A stop agreed in a step (or during validation)
         ends the run after that step: hooks' on_stop, then JobStopped.
         """
-        def call(name, *args):
-            return [getattr(hook, name)(*args) for hook in hooks if hasattr(hook, name)]
+        hooks = _Hooks(hooks)
 
-        def ending(results):
-            return next((result for result in results if result is not None), None)
-
-        def stop(step, reason):
+        def stop(step, epoch, reason):
             stop_signal.agree(reason)
-            outcome = "; ".join(call("on_stop", step))
+            outcome = "; ".join(hooks.call("on_stop", step))
             total = train.total_steps or f"epoch {epoch} of {epochs}"
             raise stop_signal.stopped(f"at step {step} of {total}; {outcome}")
 
         step, training_seconds, self.ended_by = start_step, 0.0, None
         first_epoch, skip_steps = train.resume_point(start_step, position)
         for epoch in range(first_epoch, epochs + 1):
-            call("on_epoch_begin", epoch)
-            running, started, self.input_seconds = Totals(), time.perf_counter(), 0.0
+            hooks.call("on_epoch_begin", epoch)
             batches = iter(train.epoch(epoch, skip_steps if epoch == first_epoch else 0))
-            while True:
-                step_started, input_before = time.perf_counter(), self.input_seconds
-                totals, gradient_norm, reason = self._step(self.steps.train, batches, stop_signal,
-                                                           f"training step {step + 1}", step=step + 1)
-                if totals is None:
-                    break
-                step += 1
-                running.add(totals)
-                result = StepResult(step, epoch, totals.loss, totals.accuracy, totals.examples, gradient_norm,
-                                    time.perf_counter() - step_started, self.input_seconds - input_before)
-                self.ended_by = ending(call("on_step_end", step, running, result))
-                if reason:
-                    stop(step, reason)
-                if self.ended_by:
-                    break
-            seconds = time.perf_counter() - started
+            step, running, seconds = self._train_epoch(batches, epoch, step, stop_signal, hooks, stop)
             training_seconds += seconds
             if self.ended_by:  # mid-epoch: no validation; the pass is left unfinished
                 break
             train.finish()  # raises what went wrong in a streamed pass
-            call("on_epoch_trained", epoch, step)
+            hooks.call("on_epoch_trained", epoch, step)
             logs = {"train_loss": running.loss, "train_accuracy": running.accuracy,
                     "train_samples_per_second": running.examples / seconds,
                     "input_wait_share": self.input_seconds / seconds}
@@ -167,14 +161,35 @@ class TrainingLoop:
                 evaluated, reason = self.evaluate(validation.epoch(epoch), stop_signal,
                                                   what=f"validation after step {step}")
                 if reason:
-                    stop(step, reason)
+                    stop(step, epoch, reason)
                 validation.finish()
                 logs.update(val_loss=evaluated.loss, val_accuracy=evaluated.accuracy)
-            self.ended_by = ending(call("on_epoch_end", epoch, step, logs))
+            self.ended_by = hooks.first_end("on_epoch_end", epoch, step, logs)
             if self.ended_by:
                 break
         self.sync_model()
         return training_seconds
+
+    def _train_epoch(self, batches, epoch, step, stop_signal, hooks, stop):
+        """One epoch's training steps, to the end of its batches or an end a hook returned; returns
+        (the last step, the epoch's Totals, its seconds)."""
+        running, started, self.input_seconds = Totals(), time.perf_counter(), 0.0
+        while True:
+            step_started, input_before = time.perf_counter(), self.input_seconds
+            totals, gradient_norm, reason = self._step(self.steps.train, batches, stop_signal,
+                                                       f"training step {step + 1}", step=step + 1)
+            if totals is None:
+                break
+            step += 1
+            running.add(totals)
+            result = StepResult(step, epoch, totals.loss, totals.accuracy, totals.examples, gradient_norm,
+                                time.perf_counter() - step_started, self.input_seconds - input_before)
+            self.ended_by = hooks.first_end("on_step_end", step, running, result)
+            if reason:
+                stop(step, epoch, reason)
+            if self.ended_by:
+                break
+        return step, running, time.perf_counter() - started
 
     def evaluate(self, batches, stop_signal, what="evaluation"):
         """(Totals, stop reason or None) over the distributed batches, to their end."""

@@ -17,10 +17,11 @@ import keras
 from review_trainer.contract import environment
 from review_trainer.contract.errors import HyperparameterError
 from review_trainer.data import bucket_lengths
-from review_trainer.model.classifier import build_classifier_parts
+from review_trainer.model.classifier import Classifier, build_classifier_parts
 from review_trainer.model.frozen_encoder import EncoderCache
 from review_trainer.model.pretrained import load_backbone
 from review_trainer.telemetry import hooks
+from review_trainer.telemetry.rules import Triggered
 from review_trainer.training import checkpoints, precision
 from review_trainer.training.loop import TrainingLoop
 from review_trainer.training.topology import Topology
@@ -51,7 +52,7 @@ def set_up(startup, print_fn=print):
             f"backend={startup.backend.name} ({startup.backend.reason}), but Keras was imported with the "
             f"{keras.backend.backend()} backend: start the job with the `train` command, which sets KERAS_BACKEND "
             "before Keras is imported")
-    topology = Topology.set_up(env, hp, startup.backend.name)
+    topology = Topology.set_up(env, hp, startup.distribution, startup.backend.name)
     capability = precision.gpu_compute_capability()
     # Trainium computes in bfloat16 natively: Neuron takes the bf16 path whatever the host CPU has
     policy = precision.choose_policy(hp.use_amp, capability, precision.cpu_has_bf16() or env.num_neurons > 0)
@@ -78,11 +79,11 @@ def set_up(startup, print_fn=print):
 class ModelState:
     """The classifier, compiled with its optimizer, and where training resumes."""
 
-    classifier: object  # model/classifier.Classifier: the model and views of its encoder and head
-    backbone: object  # the pretrained encoder inside it (outputs/transformers_export.py reads its weights)
+    classifier: Classifier  # the model, and views of its encoder and head
+    backbone: keras.Model  # the pretrained encoder inside it (outputs/transformers_export.py reads its weights)
     start_step: int  # the global step restored (0: a fresh start)
     position: dict  # where the checkpoint's epoch stood (checkpoints.Checkpointer.position)
-    store: object  # checkpoints.CheckpointStore: the chief's, when checkpointing is on; None elsewhere
+    store: checkpoints.CheckpointStore | None  # the chief's, when checkpointing is on; None elsewhere
     fingerprint: dict | None  # what the store's checkpoints must have been written by
     checkpointing_on: bool  # enable_checkpointing, or a CheckpointConfig
 
@@ -91,12 +92,12 @@ class ModelState:
         return self.classifier.model
 
 
-def build_model(startup, devices, pretrained, channels):
+def build_model(startup, devices, pretrained, channels, print_fn=print):
     """Built, compiled and restored in the strategy's scope, from the newest checkpoint this same
     job wrote (only the chief reads checkpoints, and sends what it restored to the other hosts)."""
     env, hp, topology = startup.env, startup.hp, devices.topology
     checkpointing_on = hp.enable_checkpointing or env.checkpoint_config_present
-    store = (checkpoints.open_store(env.checkpoint_dir, hp.keep_checkpoints, hp.resume)
+    store = (checkpoints.open_store(env.checkpoint_dir, hp.keep_checkpoints, hp.resume, print_fn)
              if checkpointing_on and topology.is_chief else None)
     with topology.scope():
         backbone = load_backbone(pretrained.checkpoint)
@@ -111,7 +112,7 @@ def build_model(startup, devices, pretrained, channels):
         fingerprint = store and checkpoints.fingerprint(hp, channels.train, pretrained.checkpoint, devices.policy,
                                                         topology)
         start_step, position = checkpoints.resume(store, classifier.model, fingerprint, topology,
-                                                  channels.training.total_steps)
+                                                  channels.train_passes.total_steps, print_fn)
     return ModelState(classifier, backbone, start_step, position, store, fingerprint, checkpointing_on)
 
 
@@ -119,7 +120,7 @@ def build_model(startup, devices, pretrained, channels):
 class Trained:
     model: keras.Model
     seconds: float  # of training (validation included), this host's
-    stopped_by: object  # telemetry/rules.Triggered: the rule that ended training early, or None
+    stopped_by: Triggered | None  # the rule that ended training early
     exported: dict | None  # after a stop by rule, which weights are exported (rules.json's record)
     exports: bool  # this host evaluates and exports (the chief); the others are done
 
@@ -131,10 +132,10 @@ def train(startup, devices, pretrained, state, channels, job_rules, stop_signal,
     loop = TrainingLoop(topology, model, jit_compile=devices.jit_compile, backend=devices.backend,
                         head=state.classifier.head, batch_sizes={"train_batch_size": hp.train_batch_size,
                                                                  "validation_batch_size": hp.validation_batch_size})
-    training = channels.training
+    training = channels.train_passes
     checkpointer = checkpoints.Checkpointer(
         state.store, state.fingerprint, model, state.start_step, hp.checkpoint_every_n_steps,
-        checkpointing_on=state.checkpointing_on, position=state.position,
+        checkpointing_on=state.checkpointing_on, print_fn=print_fn, position=state.position,
         resume_by_position=training.resumes_by_position, sync_model=loop.sync_model)
     job_rules.watch(model, loop.sync_model, isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer),
                     keep_best=topology.is_chief)
@@ -144,13 +145,14 @@ def train(startup, devices, pretrained, state, channels, job_rules, stop_signal,
     telemetry = hooks.for_training(
         env, hp, topology.is_chief, startup.hook_config, model=model, learning_rate=learning_rate,
         steps_per_epoch=training.steps_per_epoch, total_steps=training.total_steps,
-        evaluations_done=first_epoch - 1 if channels.evaluation else 0, graph=devices.backend == "tensorflow")
+        evaluations_done=first_epoch - 1 if channels.validation_passes else 0, graph=devices.backend == "tensorflow",
+        print_fn=print_fn)
     cache = _frozen_encoder_cache(hp, state.classifier, pretrained.tokenizer, training, print_fn)
     training.start(state.start_step, stage=cache.stage if cache else None)
     _print_plan(hp, state, training, model, print_fn)
     with telemetry.running(), stop_signal.deferred():
         seconds = loop.fit(training, start_step=state.start_step, position=state.position, epochs=hp.epochs,
-                           validation=channels.evaluation, stop_signal=stop_signal,
+                           validation=channels.validation_passes, stop_signal=stop_signal,
                            hooks=[*telemetry.hooks, checkpointer, job_rules, *([cache] if cache else [])])
     if cache:
         cache.close()  # up to half the memory (bilstm), free again for evaluation and export

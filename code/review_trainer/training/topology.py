@@ -47,23 +47,24 @@ class Topology:
     wait_seconds: int = 300  # the bound of the start's collectives: host_wait_seconds
 
     @classmethod
-    def set_up(cls, env, hp, backend="tensorflow"):
-        """Creates the strategy; call it before any other TensorFlow operation (multi-worker needs that).
+    def set_up(cls, env, hp, distribution, backend="tensorflow"):
+        """Creates the strategy of the kind chosen at start-up (distribution: a Distribution); call it
+        before any other TensorFlow operation (multi-worker needs that).
 
         backend=jax: one device, JAX's; TensorFlow (tf.data) stays off the GPUs, whose memory JAX takes."""
         import tensorflow as tf
 
         hosts = tuple(sorted(env.hosts))
         worker_index = hosts.index(env.current_host)
-        gpus = tf.config.list_physical_devices("GPU")
-        kind, reason = choose(hp.distribution, len(hosts), len(gpus))
+        kind, reason = distribution.kind, distribution.reason
         if backend == "jax":  # one device, JAX's (backend.py refused any other distribution)
             tf.config.set_visible_devices([], "GPU")
         if kind == MULTI_WORKER:
             strategy = start_multi_worker(hosts, worker_index, hp.host_wait_seconds, hp.collective_timeout_seconds)
             return cls(strategy, kind, reason, hosts, worker_index, len(hosts), hp.host_wait_seconds)
-        if kind == MIRRORED:
-            devices = [d.name for d in tf.config.list_logical_devices("GPU" if gpus else "CPU")]
+        if kind == MIRRORED:  # this host's GPUs; without any, its logical CPU devices
+            gpus = tf.config.list_logical_devices("GPU")
+            devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
             strategy = tf.distribute.MirroredStrategy(devices)
         else:
             strategy = tf.distribute.get_strategy()
@@ -178,6 +179,21 @@ class Topology:
             "own log and failure file say why it stopped; a host that vanished was probably reclaimed. "
             "Rerun the job (it resumes from the last checkpoint when checkpointing is on)"
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class Distribution:
+    """The kind of distribution a job uses, decided once at start-up from the contract's hosts and GPUs."""
+
+    kind: str  # none, mirrored or multi_worker
+    reason: str  # for the start line
+    num_workers: int  # hosts that train together
+
+
+def plan(distribution, hosts, num_gpus):
+    """The Distribution for the `distribution` hyperparameter on these hosts and GPUs."""
+    kind, reason = choose(distribution, len(hosts), num_gpus)
+    return Distribution(kind, reason, len(hosts) if kind == MULTI_WORKER else 1)
 
 
 def choose(distribution, num_hosts, num_gpus):
