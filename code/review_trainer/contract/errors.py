@@ -13,67 +13,51 @@ EXIT_INTERNAL_ERROR = 1
 
 
 class JobError(Exception):
-    """An error the user can fix; `kind` and `exit_code` are what the job reports."""
+    """An error the user can fix; `kind` (the class's name unless given) and `exit_code` are what
+    the job reports: `class DataError(JobError, exit_code=3)`."""
 
     kind = "JobError"
     exit_code = EXIT_INTERNAL_ERROR
 
+    def __init_subclass__(cls, exit_code=None, kind=None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.kind = kind or cls.__name__
+        if exit_code is not None:
+            cls.exit_code = exit_code
 
-class HyperparameterError(JobError):
+
+class HyperparameterError(JobError, exit_code=2):
     """A hyperparameter is unknown, malformed or out of range."""
 
-    kind = "HyperparameterError"
-    exit_code = 2
 
-
-class DataError(JobError):
+class DataError(JobError, exit_code=3):
     """A channel is missing or empty, a file is unreadable, or too many rows are bad."""
 
-    kind = "DataError"
-    exit_code = 3
 
-
-class PretrainedModelError(JobError):
+class PretrainedModelError(JobError, exit_code=4):
     """The pretrained checkpoint folder is missing, incomplete or of an unsupported type."""
 
-    kind = "PretrainedModelError"
-    exit_code = 4
 
-
-class ResourceError(JobError):
+class ResourceError(JobError, exit_code=5):
     """The machine ran out of something: disk space or memory."""
 
-    kind = "ResourceError"
-    exit_code = 5
 
-
-class CheckpointError(JobError):
+class CheckpointError(JobError, exit_code=6):
     """A checkpoint exists but was written by a job with other settings or data."""
 
-    kind = "CheckpointError"
-    exit_code = 6
 
-
-class ClusterError(JobError):
+class ClusterError(JobError, exit_code=7):
     """The hosts of a job cannot train together: a wrong host list, a host that never came up, a
     host lost during training, a collective operation that timed out."""
 
-    kind = "ClusterError"
-    exit_code = 7
 
-
-class TrainingError(JobError):
+class TrainingError(JobError, exit_code=8):
     """Training itself broke down: the loss became NaN or infinite, and no finite model was kept to
     export instead (telemetry/rules.py)."""
 
-    kind = "TrainingError"
-    exit_code = 8
 
-
-class JobStopped(JobError):
+class JobStopped(JobError, kind="Stopped"):
     """SIGTERM (spot interruption, StopTrainingJob, `docker stop`) or SIGINT arrived."""
-
-    kind = "Stopped"
 
     def __init__(self, message, exit_code):
         super().__init__(message)

@@ -252,22 +252,20 @@ def parse_bool(value):
     raise ValueError("expected true or false (True/true/1, False/false/0)")
 
 
-def _parse_bool_or_auto(value):
-    if str(value).strip().lower() == AUTO:
-        return AUTO
-    try:
-        return parse_bool(value)
-    except ValueError:
-        raise ValueError("expected auto, true or false") from None
+def _or_auto(parse, expected):
+    """A parser that takes `auto` besides what `parse` takes."""
+    def parse_or_auto(value):
+        if str(value).strip().lower() == AUTO:
+            return AUTO
+        try:
+            return parse(value)
+        except ValueError:
+            raise ValueError(expected) from None
+    return parse_or_auto
 
 
-def _parse_int_or_auto(value):
-    if str(value).strip().lower() == AUTO:
-        return AUTO
-    try:
-        return _parse_int(value)
-    except ValueError:
-        raise ValueError("expected auto or a whole number") from None
+_parse_bool_or_auto = _or_auto(parse_bool, "expected auto, true or false")
+_parse_int_or_auto = _or_auto(_parse_int, "expected auto or a whole number")
 
 
 def _parse_str(value):

@@ -22,20 +22,23 @@ def _format(value):
 
 
 class Interval:
-    """This host's steps since the last reading: their count, seconds and examples."""
+    """This host's steps since the last reading (their count, seconds and examples), read every
+    `every_n_steps` global steps."""
 
-    def __init__(self):
+    def __init__(self, every_n_steps):
+        self.every_n_steps = every_n_steps
         self.steps, self.seconds, self.examples = 0, 0.0, 0.0
 
-    def add(self, result):
+    def add(self, step, result):
+        """(step seconds, samples per second) since the last reading when `step` is one to report
+        at (the interval then starts again), else None."""
         self.steps += 1
         self.seconds += result.seconds
         self.examples += result.examples
-
-    def read(self):
-        """(step seconds, samples per second) of the interval, which starts again."""
+        if step % self.every_n_steps:
+            return None
         steps, seconds, examples = self.steps, self.seconds, self.examples
-        self.__init__()
+        self.steps, self.seconds, self.examples = 0, 0.0, 0.0
         return seconds / max(steps, 1), examples / seconds if seconds else 0.0
 
 
@@ -54,16 +57,16 @@ class MetricLogger:
         self.every_n_steps = every_n_steps
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         self.print_fn = print_fn
-        self._interval = Interval()  # a resumed job's first one has fewer than every_n_steps steps
+        self._interval = Interval(every_n_steps)  # a resumed job's first one has fewer than every_n_steps steps
 
     def on_epoch_begin(self, epoch):
         self.epoch = epoch
 
     def on_step_end(self, step, running, result):
-        self._interval.add(result)
-        if step % self.every_n_steps:
+        reading = self._interval.add(step, result)
+        if reading is None:
             return
-        step_seconds, samples_per_second = self._interval.read()
+        step_seconds, samples_per_second = reading
         values = {"epoch": self.epoch, "step": step, "running_train_loss": running.loss,
                   "running_train_accuracy": running.accuracy,
                   "running_samples_per_second": round(samples_per_second),
@@ -127,7 +130,7 @@ class TensorBoardLog:
         self._writers = {name: tf.summary.create_file_writer(f"{log_dir}/{name}") for name in ("train", "validation")}
         self.every_n_steps, self.learning_rate = every_n_steps, learning_rate
         self._graph_of = graph_of
-        self._interval = Interval()
+        self._interval = Interval(every_n_steps)
 
     def on_epoch_begin(self, epoch):
         import tensorflow as tf
@@ -140,10 +143,10 @@ class TensorBoardLog:
     def on_step_end(self, step, running, result):
         import tensorflow as tf
 
-        self._interval.add(result)
-        if step % self.every_n_steps:
+        reading = self._interval.add(step, result)
+        if reading is None:
             return
-        _, samples_per_second = self._interval.read()
+        _, samples_per_second = reading
         with self._writers["train"].as_default(step=step):
             tf.summary.scalar("batch_loss", result.loss)
             tf.summary.scalar("batch_accuracy", result.accuracy)
