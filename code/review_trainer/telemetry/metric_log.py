@@ -141,12 +141,13 @@ class TensorBoardLog:
             self._graph_of = None
 
     def on_step_end(self, step, running, result):
+        reading = self._interval.add(step, result)
+        if reading is not None:
+            self._write_step(step, result, samples_per_second=reading[1])
+
+    def _write_step(self, step, result, samples_per_second):
         import tensorflow as tf
 
-        reading = self._interval.add(step, result)
-        if reading is None:
-            return
-        _, samples_per_second = reading
         with self._writers["train"].as_default(step=step):
             tf.summary.scalar("batch_loss", result.loss)
             tf.summary.scalar("batch_accuracy", result.accuracy)
